@@ -1,0 +1,96 @@
+"""Artifacts of one run: histogram data, figures, dataset samples and the model.
+
+Figures are drawn from recorded data only (the history and the histogram
+arrays), never from the live model, so they can be redrawn from a finished run.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.gradients import HistogramHistory
+from src.models import activation_curve, create_activation
+from src.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+HISTOGRAM_ARTIFACT = "gradients/histograms.npz"
+
+
+def log_histograms(tracker: Tracker, histograms: HistogramHistory) -> None:
+    """Log the per-epoch histogram arrays as ``gradients/histograms.npz``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(HISTOGRAM_ARTIFACT).name
+        histograms.save(path)
+        tracker.log_file(path, str(Path(HISTOGRAM_ARTIFACT).parent))
+
+
+def log_dataset_samples(tracker: Tracker, data, count: int = 64) -> None:
+    """Log a grid of the first `count` training images as ``figures/dataset_samples.png``."""
+    from src.data import plot_digit_grid
+
+    images = data.train_inputs[:count].cpu()
+    targets = data.train_targets[:count].cpu()
+    tracker.log_figure(plot_digit_grid(images, targets, title="Training samples"),
+                       "figures/dataset_samples.png")
+
+
+def series(history: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(steps, values)`` of one metric key as arrays."""
+    steps, values = history[key]
+    return np.asarray(steps), np.asarray(values, dtype=np.float64)
+
+
+def log_run_figures(tracker: Tracker, history: dict, histograms: HistogramHistory,
+                    activation_cfg, label: str) -> None:
+    """Log the run's loss, mean-gradient, waterfall and activation figures under ``figures/``."""
+    from src import plots
+
+    tracker.log_figure(plots.plot_loss({label: series(history, "train/loss")}),
+                       "figures/loss.png")
+
+    layer_series = {name: series(history, f"grad_mean/{name}") for name in histograms.layers
+                    if f"grad_mean/{name}" in history}
+    tracker.log_figure(plots.plot_grad_means({label: layer_series}), "figures/grad_mean.png")
+
+    if histograms.epochs:
+        arrays = histograms.to_arrays()
+        figure = plots.plot_waterfall(arrays["edges"], arrays["counts"], histograms.layers,
+                                      arrays["epochs"], title=activation_cfg.name)
+        tracker.log_figure(figure, "figures/gradient_waterfall.png")
+
+    kwargs = {k: v for k, v in activation_cfg.items() if k != "name"}
+    curve = activation_curve(create_activation(activation_cfg.name, **kwargs))
+    tracker.log_figure(plots.plot_activations({activation_cfg.name: curve}),
+                       "figures/activation.png")
+
+
+def log_model(model: nn.Module, data, example_size: int = 4) -> None:
+    """Log `model`, moved to the CPU, with ``mlflow.pytorch`` under the active run's ``model``.
+
+    The signature and input example come from real test images. The ``src``
+    package travels with the model, so ``mlflow.pytorch.load_model`` can unpickle
+    it on a machine without this repository.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.to("cpu").eval()
+    example = data.test_inputs[:example_size].cpu()
+    with torch.no_grad():
+        logits = model(example)
+    signature = infer_signature(example.numpy(), logits.numpy())
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=example.numpy(),
+        code_paths=[str(Path(__file__).resolve().parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+    )

@@ -1,0 +1,168 @@
+"""End-to-end runs of the real pipeline into a temporary SQLite MLflow store."""
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from src import train as train_module
+from src.data import load_dataset
+from src.gradients import load_histograms
+from src.tracking import flatten_params
+from src.train import JobInfo, train
+from tests.conftest import PROJECT_ROOT, TINY_OVERRIDES
+
+LAYERS = ["fc1", "fc2", "fc3", "fc4"]
+EXPECTED_ARTIFACTS = {
+    "config/config.yaml",
+    "config/overrides.yaml",
+    "gradients/histograms.npz",
+    "figures/dataset_samples.png",
+    "figures/loss.png",
+    "figures/grad_mean.png",
+    "figures/gradient_waterfall.png",
+    "figures/activation.png",
+}
+
+
+def list_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            found |= list_artifacts(client, run_id, info.path)
+        else:
+            found.add(info.path)
+    return found
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny run, shared by the read-back tests: (cfg, client, run, final metrics)."""
+    from tests.conftest import compose_config
+    from src.tracking import default_tracking_uri
+
+    store = tmp_path_factory.mktemp("mlruns")
+    cfg = compose_config(TINY_OVERRIDES)
+    cfg.tracking.uri = default_tracking_uri(store)
+    metrics = train(cfg, JobInfo(run_name="activation=relu", overrides=["activation=relu"]))
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    return cfg, client, run, metrics
+
+
+def test_run_finished_with_name(finished_run):
+    _, _, run, _ = finished_run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "activation=relu"
+
+
+def test_run_logs_every_param(finished_run):
+    cfg, _, run, _ = finished_run
+    expected = flatten_params(cfg)
+    assert run.data.params == expected
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.params["model.hidden_sizes"] == "[32, 16, 16]"
+
+
+def test_run_metric_step_counts(finished_run):
+    cfg, client, run, _ = finished_run
+    iters = 3 * cfg.trainer.epochs  # 300 images in batches of 128: 3 iterations an epoch
+    for key in ["train/loss", *(f"grad_mean/{layer}" for layer in LAYERS)]:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, iters + 1)), key
+    for key in ["train/accuracy", "test/accuracy", "test/loss"]:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == list(range(1, cfg.trainer.epochs + 1)), key
+
+
+def test_run_logs_every_artifact(finished_run):
+    _, client, run, _ = finished_run
+    artifacts = list_artifacts(client, run.info.run_id)
+    assert EXPECTED_ARTIFACTS <= artifacts, EXPECTED_ARTIFACTS - artifacts
+
+
+def test_histogram_artifact_shape(finished_run, tmp_path):
+    cfg, client, run, _ = finished_run
+    path = client.download_artifacts(run.info.run_id, "gradients/histograms.npz", str(tmp_path))
+    hist = load_histograms(path)
+    assert hist["layers"].tolist() == LAYERS
+    assert hist["epochs"].tolist() == [1, 2]
+    assert hist["edges"].shape == (2, 4, 31)
+    assert hist["counts"].shape == (2, 4, 30)
+    # Every count covers the whole weight tensor: fc1 is 784 x 32.
+    assert hist["counts"][:, 0].sum(axis=1).tolist() == [784 * 32] * 2
+    assert np.all(np.diff(hist["edges"], axis=-1) > 0)
+
+
+def test_logged_model_predicts_same_logits(finished_run):
+    cfg, client, run, _ = finished_run
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    data = load_dataset(cfg.dataset, torch.device("cpu"))
+    inputs = data.test_inputs[:16]
+    reference = train_module.build_model(cfg.model, cfg.activation, data.input_shape,
+                                         data.num_classes)
+    assert tuple(model(inputs).shape) == (16, 10)
+    assert not torch.allclose(model(inputs), reference(inputs)), "must be the trained weights"
+
+
+def test_logged_model_matches_final_accuracy(finished_run):
+    cfg, _, run, metrics = finished_run
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    data = load_dataset(cfg.dataset, torch.device("cpu"))
+    with torch.no_grad():
+        accuracy = (model(data.test_inputs).argmax(1) == data.test_targets).float().mean()
+    assert accuracy.item() == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+
+
+def test_failed_run_marked_failed(tiny_cfg, monkeypatch):
+    def broken_fit(*args, **kwargs):
+        raise RuntimeError("simulated crash in the training loop")
+
+    monkeypatch.setattr(train_module, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(tiny_cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.params["trainer.epochs"] == "2", "params logged before the crash stay"
+
+
+def test_bad_config_starts_no_run(tiny_cfg):
+    tiny_cfg.trainer.batch_size = 0
+    with pytest.raises(ValueError, match="trainer.batch_size"):
+        train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    assert client.get_experiment_by_name(tiny_cfg.tracking.experiment_name) is None
+
+
+def test_multirun_two_activations(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "src.train", "-m", "activation=relu,sigmoid",
+         *TINY_OVERRIDES, "trainer.epochs=1", "tracking.log_model=false",
+         f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vanishing-gradients")
+    runs = client.search_runs([experiment.experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert sorted(r.info.run_name for r in jobs) == ["activation=relu", "activation=sigmoid"]
+    assert all(r.info.status == "FINISHED" for r in jobs)
+    for run in jobs:
+        artifacts = list_artifacts(client, run.info.run_id)
+        assert "logs/train.log" in artifacts
+        assert "config/hydra/overrides.yaml" in artifacts
