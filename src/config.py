@@ -55,7 +55,9 @@ class DigitsConfig:
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    hidden_sizes: list[int] = field(default_factory=lambda: [256, 128, 64])  # widths, input side first
+    hidden_sizes: list[int] = field(
+        default_factory=lambda: [256, 128, 64]
+    )  # widths, input side first
 
 
 @dataclass

@@ -60,7 +60,9 @@ class MLP(nn.Module):
         return self.layers(x)  # [B, C, H, W] -> logits [B, num_classes]
 
 
-def build_model(model_cfg, activation_cfg, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+def build_model(
+    model_cfg, activation_cfg, input_shape: Sequence[int], num_classes: int
+) -> nn.Module:
     """Build the network named by ``model_cfg.name`` for inputs of `input_shape` (C, H, W)."""
     act_kwargs = {k: v for k, v in activation_cfg.items() if k != "name"}
     create_activation(activation_cfg.name, **act_kwargs)  # fail here, before any layer is built

@@ -116,7 +116,9 @@ def plot_waterfalls_side_by_side(panels: list[WaterfallPanel]) -> Figure:
     Raises ValueError when `panels` is empty or an item has inconsistent shapes.
     """
     if not panels:
-        raise ValueError("panels must not be empty. Pass at least one (title, edges, counts, layers, epochs) item.")
+        raise ValueError(
+            "panels is empty: pass at least one (title, edges, counts, layers, epochs) item."
+        )
     validated = []
     for title, edges, counts, layers, epochs in panels:
         edges, counts, epochs = _validate_histograms(edges, counts, layers, epochs, title)
@@ -186,7 +188,7 @@ def plot_grad_means(
         return fig
 
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax in axes[len(layers):]:
+    for ax in axes[len(layers) :]:
         ax.remove()
 
     for ax, layer in zip(axes, layers):
@@ -194,7 +196,13 @@ def plot_grad_means(
             if layer not in by_layer:
                 continue
             steps, values = by_layer[layer]
-            ax.plot(np.asarray(steps), np.asarray(values), color=_color(index), label=label, linewidth=1.2)
+            ax.plot(
+                np.asarray(steps),
+                np.asarray(values),
+                color=_color(index),
+                label=label,
+                linewidth=1.2,
+            )
         ax.set_title(layer)
         ax.set_xlabel("iteration")
         ax.set_ylabel("gradient")
@@ -230,7 +238,8 @@ def plot_grad_stat_vs_depth(
         per_layer = np.asarray(per_layer, dtype=float)
         if per_layer.shape != (len(layers),):
             raise ValueError(
-                f"values[{label!r}] has shape {per_layer.shape}, expected ({len(layers)},), one value per layer"
+                f"values[{label!r}] has shape {per_layer.shape}, "
+                f"expected ({len(layers)},), one value per layer"
             )
         if logy:
             per_layer = _mask_non_positive(per_layer)
@@ -260,7 +269,7 @@ def _mask_non_positive(values: np.ndarray) -> np.ndarray:
 
 
 def _legend_handles(axes: Sequence[Axes], labels: list[str]) -> list:
-    """Find one line per label across `axes`, so a variant missing from a layer still gets a handle."""
+    """Find one line per label across `axes`, so a variant absent from a layer keeps a handle."""
     handles = []
     for label in labels:
         for ax in axes:
@@ -283,16 +292,24 @@ def _validate_histograms(
     counts = np.asarray(counts, dtype=float)
     epochs = np.asarray(epochs)
     if edges.ndim != 3 or edges.shape[2] < 2:
-        raise ValueError(f"{title}: edges has shape {edges.shape}, expected [epochs, layers, bins + 1]")
+        raise ValueError(
+            f"{title}: edges has shape {edges.shape}, expected [epochs, layers, bins + 1]"
+        )
     expected_counts = (edges.shape[0], edges.shape[1], edges.shape[2] - 1)
     if counts.shape != expected_counts:
-        raise ValueError(f"{title}: counts has shape {counts.shape}, expected {expected_counts} to match edges")
+        raise ValueError(
+            f"{title}: counts has shape {counts.shape}, expected {expected_counts} to match edges"
+        )
     if len(layers) != edges.shape[1]:
-        raise ValueError(f"{title}: got {len(layers)} layer names for {edges.shape[1]} layers in edges")
+        raise ValueError(
+            f"{title}: got {len(layers)} layer names for {edges.shape[1]} layers in edges"
+        )
     if epochs.shape != (edges.shape[0],):
         raise ValueError(f"{title}: epochs has shape {epochs.shape}, expected ({edges.shape[0]},)")
     if edges.shape[0] == 0 or edges.shape[1] == 0:
-        raise ValueError(f"{title}: edges has shape {edges.shape}, expected at least one epoch and one layer")
+        raise ValueError(
+            f"{title}: edges has shape {edges.shape}, expected at least one epoch and one layer"
+        )
     return edges, counts, epochs
 
 
@@ -308,7 +325,7 @@ def _draw_waterfall_row(
     rows: int,
     columns: int,
 ) -> None:
-    """Add one 3-D waterfall panel per layer to `container`, plus the title and an epoch colorbar."""
+    """Add a 3-D waterfall panel per layer to `container`, a title and an epoch colorbar."""
     norm = _epoch_norm(epochs)
     axes = []
     for layer_index, layer in enumerate(layers):

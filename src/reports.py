@@ -37,8 +37,9 @@ def log_dataset_samples(tracker: Tracker, data, count: int = 64) -> None:
 
     images = data.train_inputs[:count].cpu()
     targets = data.train_targets[:count].cpu()
-    tracker.log_figure(plot_digit_grid(images, targets, title="Training samples"),
-                       "figures/dataset_samples.png")
+    tracker.log_figure(
+        plot_digit_grid(images, targets, title="Training samples"), "figures/dataset_samples.png"
+    )
 
 
 def series(history: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -47,28 +48,37 @@ def series(history: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps), np.asarray(values, dtype=np.float64)
 
 
-def log_run_figures(tracker: Tracker, history: dict, histograms: HistogramHistory,
-                    activation_cfg, label: str) -> None:
+def log_run_figures(
+    tracker: Tracker, history: dict, histograms: HistogramHistory, activation_cfg, label: str
+) -> None:
     """Log the run's loss, mean-gradient, waterfall and activation figures under ``figures/``."""
     from src import plots
 
-    tracker.log_figure(plots.plot_loss({label: series(history, "train/loss")}),
-                       "figures/loss.png")
+    tracker.log_figure(plots.plot_loss({label: series(history, "train/loss")}), "figures/loss.png")
 
-    layer_series = {name: series(history, f"grad_mean/{name}") for name in histograms.layers
-                    if f"grad_mean/{name}" in history}
+    layer_series = {
+        name: series(history, f"grad_mean/{name}")
+        for name in histograms.layers
+        if f"grad_mean/{name}" in history
+    }
     tracker.log_figure(plots.plot_grad_means({label: layer_series}), "figures/grad_mean.png")
 
     if histograms.epochs:
         arrays = histograms.to_arrays()
-        figure = plots.plot_waterfall(arrays["edges"], arrays["counts"], histograms.layers,
-                                      arrays["epochs"], title=activation_cfg.name)
+        figure = plots.plot_waterfall(
+            arrays["edges"],
+            arrays["counts"],
+            histograms.layers,
+            arrays["epochs"],
+            title=activation_cfg.name,
+        )
         tracker.log_figure(figure, "figures/gradient_waterfall.png")
 
     kwargs = {k: v for k, v in activation_cfg.items() if k != "name"}
     curve = activation_curve(create_activation(activation_cfg.name, **kwargs))
-    tracker.log_figure(plots.plot_activations({activation_cfg.name: curve}),
-                       "figures/activation.png")
+    tracker.log_figure(
+        plots.plot_activations({activation_cfg.name: curve}), "figures/activation.png"
+    )
 
 
 def log_model(model: nn.Module, data, example_size: int = 4) -> None:

@@ -30,7 +30,7 @@ def sweep_dir(hydra_cfg: DictConfig) -> Path:
 
 
 def sweep_keys(overrides: list[str]) -> list[str]:
-    """Return the keys that a multirun sweeps over (``activation`` in ``activation=relu,sigmoid``)."""
+    """Return the keys a multirun sweeps over: ``activation`` in ``activation=relu,sigmoid``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -44,8 +44,12 @@ def read_parent_run(hydra_cfg: DictConfig, tracking_uri: str) -> dict | None:
         return None
     parent = json.loads(path.read_text())
     if parent["tracking_uri"] != tracking_uri:
-        log.warning("Not linking to parent run %s: it is in %s, this job logs to %s",
-                    parent["run_id"], parent["tracking_uri"], tracking_uri)
+        log.warning(
+            "Not linking to parent run %s: it is in %s, this job logs to %s",
+            parent["run_id"],
+            parent["tracking_uri"],
+            tracking_uri,
+        )
         return None
     return parent
 
@@ -118,5 +122,10 @@ class SweepRunCallback(Callback):
         statuses = sorted({child.info.status for child in children})
         status = "FINISHED" if children and statuses == ["FINISHED"] else "FAILED"
         client.set_terminated(self.run_id, status=status)
-        log.info("Sweep parent run %s ended %s: %d child runs (%s)",
-                 self.run_id, status, len(children), ", ".join(statuses) or "none")
+        log.info(
+            "Sweep parent run %s ended %s: %d child runs (%s)",
+            self.run_id,
+            status,
+            len(children),
+            ", ".join(statuses) or "none",
+        )

@@ -32,7 +32,7 @@ def default_tracking_uri(store_dir: Path = DEFAULT_STORE_DIR) -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """Pick the tracking URI: `uri` from config, else ``$MLFLOW_TRACKING_URI``, else the local store."""
+    """Pick the tracking URI: `uri`, else ``$MLFLOW_TRACKING_URI``, else the local store."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
@@ -49,7 +49,7 @@ def _local_artifact_root(tracking_uri: str) -> str | None:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """Return the id of experiment `name`, creating it if needed (safe against a concurrent creator)."""
+    """Return the id of experiment `name`, creating it if needed; safe against concurrent jobs."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -134,8 +134,13 @@ def start_run(
         all_tags["mlflow.parentRunId"] = parent_run_id
 
     run = mlflow.start_run(run_name=run_name, tags=all_tags)
-    log.info("MLflow run %s (%s) in experiment %r at %s",
-             run.info.run_id, run_name, experiment_name, tracking_uri)
+    log.info(
+        "MLflow run %s (%s) in experiment %r at %s",
+        run.info.run_id,
+        run_name,
+        experiment_name,
+        tracking_uri,
+    )
     try:
         yield Tracker(client, run.info.run_id)
     except KeyboardInterrupt:

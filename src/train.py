@@ -1,7 +1,7 @@
 """Train one network variant and record its gradients in MLflow.
 
-    python -m src.train                              # one run with the defaults
-    python -m src.train -m activation=relu,sigmoid   # a sweep, one MLflow run per job
+python -m src.train                              # one run with the defaults
+python -m src.train -m activation=relu,sigmoid   # a sweep, one MLflow run per job
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"trainer.device={name!r} but CUDA is not available; use trainer.device=auto.")
+        raise RuntimeError(
+            f"trainer.device={name!r} but CUDA is not available; use trainer.device=auto."
+        )
     return device
 
 
@@ -119,8 +121,13 @@ def fit(model, optimizer, data, monitor: GradientMonitor, tracker: Tracker, trai
 
         log.info(
             "epoch %3d/%d | loss %.4f | acc %.4f | test loss %.4f | test acc %.4f | %.2f s",
-            epoch, trainer_cfg.epochs, train_loss, train_acc,
-            test_loss.item(), test_acc.item(), seconds,
+            epoch,
+            trainer_cfg.epochs,
+            train_loss,
+            train_acc,
+            test_loss.item(),
+            test_acc.item(),
+            seconds,
         )
     return history
 
@@ -150,21 +157,28 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     tags = {"activation": cfg.activation.name, "device": str(device)}
-    with start_run(tracking_uri, cfg.tracking.experiment_name, job.run_name, tags,
-                   job.parent_run_id) as tracker:
+    with start_run(
+        tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id
+    ) as tracker:
         try:
             # Config and inputs first, so that a failed run still shows what it ran.
             tracker.log_params(flatten_params(cfg))
             log_config(tracker, cfg, job)
             reports.log_dataset_samples(tracker, data)
 
-            log.info("Training %s on %s: %d epochs of %d iterations",
-                     job.run_name, device, cfg.trainer.epochs, iters_per_epoch)
+            log.info(
+                "Training %s on %s: %d epochs of %d iterations",
+                job.run_name,
+                device,
+                cfg.trainer.epochs,
+                iters_per_epoch,
+            )
             history = fit(model, optimizer, data, monitor, tracker, cfg.trainer, cfg.seed)
 
             # Figures from the recorded data, then the model.
-            reports.log_run_figures(tracker, history, monitor.histograms, cfg.activation,
-                                    job.run_name)
+            reports.log_run_figures(
+                tracker, history, monitor.histograms, cfg.activation, job.run_name
+            )
             if cfg.tracking.log_model:
                 reports.log_model(model, data)
         except BaseException as err:

@@ -37,9 +37,7 @@ def test_defaults_reproduce_reference_experiment():
     assert cfg.tracking.uri is None
 
 
-@pytest.mark.parametrize(
-    ("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)]
-)
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in group_options(g)])
 def test_every_group_option_composes(group, option):
     cfg = compose_config([f"{group}={option}"])
     validate(cfg)
@@ -101,7 +99,11 @@ def run_cli(*args: str, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, "-m", "src.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -115,8 +117,9 @@ def run_cli(*args: str, cwd=PROJECT_ROOT) -> subprocess.CompletedProcess:
 )
 def test_cli_rejects_bad_value(override, key, tmp_path):
     # hydra.run.dir keeps the job folder out of the repository.
-    result = run_cli(override, f"hydra.run.dir={tmp_path}/run",
-                     f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    result = run_cli(
+        override, f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
+    )
     assert result.returncode != 0
     assert key in result.stderr + result.stdout
     assert not (tmp_path / "mlflow.db").exists(), "no run may start for a bad config"

@@ -27,13 +27,15 @@ BINS = 30
 def make_histograms(
     stds: list[float], epochs: int = EPOCHS, bins: int = BINS, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Build (edges [E, L, B+1], counts [E, L, B], epochs [E]) from normal samples with one std per layer."""
+    """Build (edges [E, L, B+1], counts [E, L, B], epochs [E]) from normal draws per layer."""
     rng = np.random.default_rng(seed)
     edges = np.zeros((epochs, len(stds), bins + 1))
     counts = np.zeros((epochs, len(stds), bins))
     for epoch in range(epochs):
         for layer, std in enumerate(stds):
-            counts[epoch, layer], edges[epoch, layer] = np.histogram(rng.normal(0.0, std, 500), bins=bins)
+            counts[epoch, layer], edges[epoch, layer] = np.histogram(
+                rng.normal(0.0, std, 500), bins=bins
+            )
     return edges, counts, np.arange(1, epochs + 1)
 
 
@@ -274,7 +276,7 @@ def test_side_by_side_first_layer_spread_differs(relu_histograms, sigmoid_histog
 
 
 def test_side_by_side_rejects_empty_list() -> None:
-    with pytest.raises(ValueError, match="panels must not be empty"):
+    with pytest.raises(ValueError, match="panels is empty"):
         plot_waterfalls_side_by_side([])
 
 
@@ -338,7 +340,9 @@ def test_grad_means_consistent_variant_colors() -> None:
     fig = plot_grad_means(series)
 
     for label in series:
-        colors = {line.get_color() for ax in fig.axes for line in ax.lines if line.get_label() == label}
+        colors = {
+            line.get_color() for ax in fig.axes for line in ax.lines if line.get_label() == label
+        }
         assert len(colors) == 1
 
 
@@ -346,7 +350,10 @@ def test_grad_means_shared_legend() -> None:
     steps = np.arange(10)
     series = {
         "activation=relu": {"fc1": (steps, np.full(10, 1e-3))},
-        "activation=sigmoid": {"fc1": (steps, np.full(10, 1e-6)), "fc2": (steps, np.full(10, 1e-5))},
+        "activation=sigmoid": {
+            "fc1": (steps, np.full(10, 1e-6)),
+            "fc2": (steps, np.full(10, 1e-5)),
+        },
     }
 
     fig = plot_grad_means(series)

@@ -43,8 +43,8 @@ def list_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """One tiny run, shared by the read-back tests: (cfg, client, run, final metrics)."""
-    from tests.conftest import compose_config
     from src.tracking import default_tracking_uri
+    from tests.conftest import compose_config
 
     store = tmp_path_factory.mktemp("mlruns")
     cfg = compose_config(TINY_OVERRIDES)
@@ -106,8 +106,9 @@ def test_logged_model_predicts_same_logits(finished_run):
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     data = load_dataset(cfg.dataset, torch.device("cpu"))
     inputs = data.test_inputs[:16]
-    reference = train_module.build_model(cfg.model, cfg.activation, data.input_shape,
-                                         data.num_classes)
+    reference = train_module.build_model(
+        cfg.model, cfg.activation, data.input_shape, data.num_classes
+    )
     assert tuple(model(inputs).shape) == (16, 10)
     assert not torch.allclose(model(inputs), reference(inputs)), "must be the trained weights"
 
@@ -150,10 +151,23 @@ def test_multirun_two_activations(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
-        [sys.executable, "-m", "src.train", "-m", "activation=relu,sigmoid",
-         *TINY_OVERRIDES, "trainer.epochs=1", "tracking.log_model=false",
-         f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "src.train",
+            "-m",
+            "activation=relu,sigmoid",
+            *TINY_OVERRIDES,
+            "trainer.epochs=1",
+            "tracking.log_model=false",
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(uri)
