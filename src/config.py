@@ -32,7 +32,22 @@ class TrainerConfig:
 class MonitorConfig:
     stats_every: int = 1  # record per-layer gradient statistics every N iterations
     hist_every: int = 1  # record histograms every N epochs, from the epoch's last mini-batch
-    hist_bins: int = 30  # histogram bins, evenly spaced between each tensor's min and max
+    hist_bins: int = 30  # histogram bins; in "log" mode 2 * (hist_bins // 2) + 1 bins
+    hist_mode: str = "range"  # "range": each tensor's min..max; "log": fixed symmetric log edges
+    hist_log_range: list[float] = field(default_factory=lambda: [1e-10, 1.0])  # |g| of log edges
+    tiny: float = 1e-8  # |g| below this counts as tiny (grad_tiny_frac) and not active (health)
+    include_bias: bool = True  # also record bias gradients, as grad_<stat>/<layer>.bias
+    activations: bool = True  # forward hooks for dead-unit and saturation fractions
+    saturation_eps: float = 0.01  # sigmoid/tanh outputs this close to a bound are saturated
+
+
+@dataclass
+class HealthConfig:
+    vanish_ratio: float = 0.05  # layer error-signal RMS / output layer's below this: vanishing
+    explode_ratio: float = 10.0  # layer error-signal RMS / output layer's above this: exploding
+    vanish_abs: float = 1e-10  # layer error-signal RMS below this: vanishing
+    explode_abs: float = 1e3  # layer error-signal RMS above this: exploding
+    min_epochs_frac: float = 0.12  # share of epochs a layer must vanish (explode) in, over a run
 
 
 @dataclass
@@ -100,6 +115,7 @@ class Config:
     seed: int = 42  # seeds model initialisation and the per-epoch shuffling
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     dataset: Any = MISSING
     model: Any = MISSING
@@ -151,6 +167,41 @@ def validate(cfg: DictConfig) -> None:
     for key in ("stats_every", "hist_every", "hist_bins"):
         value = monitor[key]
         _check(value >= 1, f"monitor.{key}", value, "expected an integer >= 1")
+    _check(
+        monitor.hist_mode in ("range", "log"),
+        "monitor.hist_mode",
+        monitor.hist_mode,
+        "expected 'range' or 'log'",
+    )
+    log_range = list(monitor.hist_log_range)
+    _check(
+        len(log_range) == 2 and 0 < log_range[0] < log_range[1],
+        "monitor.hist_log_range",
+        log_range,
+        "expected [min, max] gradient magnitudes with 0 < min < max, for example [1e-10,1.0]",
+    )
+    _check(monitor.tiny >= 0, "monitor.tiny", monitor.tiny, "expected a value >= 0")
+    _check(
+        0 < monitor.saturation_eps < 0.5,
+        "monitor.saturation_eps",
+        monitor.saturation_eps,
+        "expected a value in (0, 0.5)",
+    )
+    health = cfg.health
+    for key in health:
+        _check(health[key] > 0, f"health.{key}", health[key], "expected a value > 0")
+    _check(
+        health.min_epochs_frac <= 1,
+        "health.min_epochs_frac",
+        health.min_epochs_frac,
+        "expected a share of epochs in (0, 1]",
+    )
+    _check(
+        health.vanish_ratio < 1 < health.explode_ratio,
+        "health.vanish_ratio",
+        health.vanish_ratio,
+        f"expected vanish_ratio < 1 < explode_ratio (= {health.explode_ratio})",
+    )
 
     _validate_dataset(cfg.dataset)
     _validate_model(cfg.model)

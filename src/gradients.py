@@ -30,9 +30,30 @@ def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tens
     hi = torch.where(flat, hi + 0.5, hi)
     fractions = torch.arange(bins, device=values.device, dtype=values.dtype) / bins
     edges = torch.cat([lo + (hi - lo) * fractions, hi.reshape(1)])
-    index = torch.bucketize(values, edges, right=True) - 1
-    counts = torch.bincount(index.clamp_(0, bins - 1), minlength=bins)
-    return edges, counts
+    return edges, count_into(values, edges)
+
+
+def count_into(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Count `values` into the bins between `edges`, with numpy.histogram's edge rules.
+
+    Values outside the edges are counted in the outer bins, so fixed edges never
+    lose a value. NaN values land in the last bin.
+    """
+    bins = len(edges) - 1
+    index = torch.bucketize(values.detach().reshape(-1), edges, right=True) - 1
+    return torch.bincount(index.clamp_(0, bins - 1), minlength=bins)
+
+
+def symmetric_log_edges(bins: int, lo: float, hi: float) -> np.ndarray:
+    """Return fixed edges ``[-hi .. -lo, lo .. hi]`` with log-spaced magnitudes.
+
+    There are ``bins // 2`` bins per sign plus one central bin ``[-lo, lo)`` for
+    values too small to tell from zero, so ``2 * (bins // 2) + 1`` bins in all.
+    The same edges for every layer, epoch and run make histograms comparable.
+    """
+    per_sign = max(bins // 2, 1)
+    magnitudes = np.logspace(np.log10(lo), np.log10(hi), per_sign + 1)
+    return np.concatenate([-magnitudes[::-1], magnitudes]).astype(np.float32)
 
 
 @dataclass
@@ -44,6 +65,7 @@ class HistogramHistory:
     """
 
     layers: list[str]
+    mode: str = "range"  # "range": each tensor's own min..max; "log": fixed symmetric log edges
     epochs: list[int] = field(default_factory=list)
     edges: list[np.ndarray] = field(default_factory=list)  # each [L, bins + 1]
     counts: list[np.ndarray] = field(default_factory=list)  # each [L, bins]
@@ -53,6 +75,7 @@ class HistogramHistory:
         num_layers = len(self.layers)
         return {
             "layers": np.asarray(self.layers, dtype=str),
+            "mode": np.asarray(self.mode),
             "epochs": np.asarray(self.epochs, dtype=np.int64),
             "edges": np.stack(self.edges) if self.edges else np.zeros((0, num_layers, 0)),
             "counts": np.stack(self.counts) if self.counts else np.zeros((0, num_layers, 0)),
@@ -73,38 +96,157 @@ class Metric:
     key: str
     value: float
     step: int
-    timestamp: int  # milliseconds since the epoch, as MLflow expects
+    timestamp: int  # milliseconds since the Unix epoch, as MLflow expects
+
+
+# Statistics of each gradient tensor, logged as ``grad_<stat>/<name>``.
+STATS = ("mean", "norm", "rms", "std", "max_abs", "tiny_frac", "nonfinite")
+# What the device computes per tensor; STATS are derived from these on the host.
+_RAW = ("sum", "norm", "max_abs", "tiny_count", "nonfinite_count")
+
+
+def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
+    """Compute the raw per-tensor quantities of `grads` on their device: ``[len(_RAW), T]``.
+
+    Counts use float arithmetic, because comparisons to bool and sums of bools
+    are several times slower than float passes on CPU (torch 2.14). Counts are
+    float32, exact up to 2**24 entries a tensor.
+    """
+    norms = torch._foreach_norm(grads)
+    sums = [g.sum() for g in grads]
+    extrema = [torch.aminmax(g) for g in grads]
+    max_abs = [torch.maximum(hi, -lo) for lo, hi in extrema]
+
+    tiny_counts = _count_below(grads, tiny)
+
+    norms_finite = torch.isfinite(torch.stack(norms))
+    if grads[0].device.type == "cpu" and bool(norms_finite.all()):
+        # On the CPU reading the flag costs no device sync, and a finite norm
+        # means every entry is finite, so the counting pass can be skipped.
+        nonfinite = [torch.zeros((), device=grads[0].device)] * len(grads)
+    else:
+        # g * 0 is NaN exactly where g is NaN or infinite.
+        nonfinite = [(g * 0).nan_to_num_(nan=1.0).sum() for g in grads]
+
+    quantities = [*sums, *norms, *max_abs, *tiny_counts, *nonfinite]
+    return torch.stack(quantities).reshape(len(_RAW), len(grads))
+
+
+def _count_below(grads: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Count the entries with ``|g| < threshold`` in each tensor, as float scalars."""
+    if threshold <= 0:
+        return [torch.zeros((), device=g.device) for g in grads]
+    # 1 where |g| < threshold, else 0: clamp(1 - |g| / threshold, 0, 1) rounded up.
+    below = torch._foreach_abs(grads)
+    torch._foreach_mul_(below, -1.0 / threshold)
+    torch._foreach_add_(below, 1.0)
+    torch._foreach_clamp_min_(below, 0.0)
+    torch._foreach_clamp_max_(below, 1.0)
+    torch._foreach_ceil_(below)
+    return [b.sum() for b in below]
+
+
+def derive_statistics(raw: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarray]:
+    """Turn raw quantities ``[..., len(_RAW), T]`` into the STATS, each ``[..., T]``, in float64.
+
+    ``std`` is the unbiased standard deviation from the first two moments.
+    NOTE: that formula loses precision when |mean| exceeds about 1000 standard
+    deviations, far from what weight gradients show.
+    """
+    raw = raw.astype(np.float64)
+    total, norm, max_abs, tiny_count, nonfinite = (raw[..., i, :] for i in range(len(_RAW)))
+    mean = total / numel
+    mean_square = norm**2 / numel
+    with np.errstate(invalid="ignore"):
+        variance = np.maximum(mean_square - mean**2, 0.0) * numel / np.maximum(numel - 1, 1)
+    return {
+        "mean": mean,
+        "norm": norm,
+        "rms": np.sqrt(mean_square),
+        "std": np.sqrt(variance),
+        "max_abs": max_abs,
+        "tiny_frac": tiny_count / numel,
+        "nonfinite": nonfinite,
+    }
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch recorded, on the host.
+
+    ``stats[name]`` is ``[rows, T]``: one row per recorded iteration in ``stat_steps``
+    and one column per tensor in ``GradientMonitor.names``.
+    """
+
+    epoch: int
+    metrics: list[Metric]
+    loss_steps: list[int]
+    losses: np.ndarray  # [iterations]
+    stat_steps: list[int]
+    stats: dict[str, np.ndarray]
+    active_rms: np.ndarray  # [rows, T]: RMS over entries with |g| >= tiny
+
+    def first_nonfinite(self) -> tuple[int, str] | None:
+        """Return ``(step, reason)`` of the first non-finite loss or gradient, or None."""
+        events = []
+        bad_loss = np.flatnonzero(~np.isfinite(self.losses))
+        if bad_loss.size:
+            step, value = self.loss_steps[bad_loss[0]], self.losses[bad_loss[0]]
+            events.append((step, f"non-finite loss ({value}) at iteration {step}"))
+        bad_rows = np.flatnonzero(self.stats["nonfinite"].sum(axis=1) > 0)
+        if bad_rows.size:
+            step = self.stat_steps[bad_rows[0]]
+            events.append((step, f"non-finite gradients at iteration {step}"))
+        return min(events) if events else None
 
 
 class GradientMonitor:
-    """Record the loss and each weight layer's gradient statistics during training.
+    """Record the loss and each tensor's gradient statistics during training.
 
     Call :meth:`record` after every ``loss.backward()`` and :meth:`drain` at the end
-    of every epoch; ``drain`` returns the epoch's metrics for the tracker.
-    Metric keys are ``train/loss`` and ``grad_mean/<layer>``.
+    of every epoch; ``drain`` returns the epoch's values for the tracker. Metric
+    keys are ``train/loss`` and ``grad_<stat>/<name>`` for each stat in STATS.
+
+    `tensors` are ``(name, parameter)`` pairs; weights are named after their
+    layer (``fc1``) and biases ``<layer>.bias``. Histograms cover the `layers`
+    subset, the weight tensors.
     """
 
     def __init__(
         self,
-        layers: list[tuple[str, nn.Parameter]],
+        tensors: list[tuple[str, nn.Parameter]],
         iters_per_epoch: int,
+        layers: list[str] | None = None,
         stats_every: int = 1,
         hist_every: int = 1,
         hist_bins: int = 30,
+        hist_mode: str = "range",
+        hist_log_range: tuple[float, float] = (1e-10, 1.0),
+        tiny: float = 1e-8,
     ):
-        if not layers:
+        if not tensors:
             raise ValueError("The model has no weight layers to monitor.")
-        self.names = [name for name, _ in layers]
-        self.weights = [weight for _, weight in layers]
-        self.iters_per_epoch = iters_per_epoch
+        if hist_mode not in ("range", "log"):
+            raise ValueError(f"Unknown histogram mode {hist_mode!r}: expected 'range' or 'log'.")
+        self.names = [name for name, _ in tensors]
+        self.tensors = [tensor for _, tensor in tensors]
+        self.layers = list(layers) if layers is not None else list(self.names)
+        self.layer_index = [self.names.index(layer) for layer in self.layers]
+        self.numel = np.array([t.numel() for t in self.tensors], dtype=np.float64)
         self.stats_every = stats_every
         self.hist_every = hist_every
         self.hist_bins = hist_bins
-        self.histograms = HistogramHistory(self.names)
+        self.hist_mode = hist_mode
+        self.tiny = tiny
+        self.histograms = HistogramHistory(self.layers, mode=hist_mode)
 
-        device = self.weights[0].device
+        device = self.tensors[0].device
+        self._fixed_edges = None
+        if hist_mode == "log":
+            edges = symmetric_log_edges(hist_bins, *hist_log_range)
+            self._fixed_edges = torch.as_tensor(edges, device=device)
         self._loss = torch.zeros(iters_per_epoch, device=device)
-        self._grad_means = torch.zeros(iters_per_epoch, len(layers), device=device)
+        self._stats = torch.zeros(iters_per_epoch, len(_RAW), len(tensors), device=device)
         self._loss_steps: list[tuple[int, int]] = []  # (global step, ms timestamp) per loss row
         self._stat_steps: list[tuple[int, int]] = []  # same, per row of the statistics
         self._pending_hist: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -116,37 +258,58 @@ class GradientMonitor:
         self._loss_steps.append((global_step, now_ms))
 
         if global_step % self.stats_every == 0:
-            grads = [weight.grad for weight in self.weights]
-            self._grad_means[len(self._stat_steps)] = torch.stack([g.mean() for g in grads])
+            grads = [tensor.grad for tensor in self.tensors]
+            self._stats[len(self._stat_steps)] = raw_statistics(grads, self.tiny)
             self._stat_steps.append((global_step, now_ms))
 
         if last_in_epoch and epoch % self.hist_every == 0:
-            pairs = [histogram(weight.grad, self.hist_bins) for weight in self.weights]
-            edges = torch.stack([e for e, _ in pairs])  # [L, bins + 1]
-            counts = torch.stack([c for _, c in pairs])  # [L, bins]
-            self._pending_hist = (epoch, edges, counts)
+            self._pending_hist = (epoch, *self._histograms())
 
-    def drain(self) -> list[Metric]:
-        """Copy the epoch's values to the host, clear the buffers, and return them as metrics."""
-        losses = self._loss[: len(self._loss_steps)].cpu().tolist()
-        means = self._grad_means[: len(self._stat_steps)].cpu().tolist()
+    def _histograms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        grads = [self.tensors[i].grad for i in self.layer_index]
+        if self._fixed_edges is None:
+            pairs = [histogram(g, self.hist_bins) for g in grads]
+            return torch.stack([e for e, _ in pairs]), torch.stack([c for _, c in pairs])
+        counts = torch.stack([count_into(g, self._fixed_edges) for g in grads])
+        return self._fixed_edges.expand(len(grads), -1), counts
+
+    def drain(self, epoch: int) -> EpochRecord:
+        """Copy the epoch's values to the host, clear the buffers, and return them."""
+        losses = self._loss[: len(self._loss_steps)].cpu().numpy()
+        raw = self._stats[: len(self._stat_steps)].cpu().numpy()
+        stats = derive_statistics(raw, self.numel)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            active = np.maximum(self.numel - raw[:, _RAW.index("tiny_count"), :].astype(float), 1)
+            active_rms = stats["norm"] / np.sqrt(active)
 
         metrics = [
-            Metric("train/loss", value, step, ts)
+            Metric("train/loss", float(value), step, ts)
             for value, (step, ts) in zip(losses, self._loss_steps)
         ]
-        for row, (step, ts) in zip(means, self._stat_steps):
-            metrics.extend(
-                Metric(f"grad_mean/{name}", value, step, ts) for name, value in zip(self.names, row)
-            )
+        for row, (step, ts) in enumerate(self._stat_steps):
+            for stat in STATS:
+                values = stats[stat][row]
+                metrics.extend(
+                    Metric(f"grad_{stat}/{name}", float(value), step, ts)
+                    for name, value in zip(self.names, values)
+                )
 
         if self._pending_hist is not None:
-            epoch, edges, counts = self._pending_hist
-            self.histograms.epochs.append(epoch)
+            hist_epoch, edges, counts = self._pending_hist
+            self.histograms.epochs.append(hist_epoch)
             self.histograms.edges.append(edges.cpu().numpy())
             self.histograms.counts.append(counts.cpu().numpy())
 
+        record = EpochRecord(
+            epoch=epoch,
+            metrics=metrics,
+            loss_steps=[step for step, _ in self._loss_steps],
+            losses=losses,
+            stat_steps=[step for step, _ in self._stat_steps],
+            stats=stats,
+            active_rms=active_rms,
+        )
         self._loss_steps.clear()
         self._stat_steps.clear()
         self._pending_hist = None
-        return metrics
+        return record

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from src.gradients import HistogramHistory
+from src.health import EXPLODING, Verdict, format_table
 from src.models import activation_curve, create_activation
 from src.tracking import Tracker
 
@@ -29,6 +30,32 @@ def log_histograms(tracker: Tracker, histograms: HistogramHistory) -> None:
         path = Path(tmp) / Path(HISTOGRAM_ARTIFACT).name
         histograms.save(path)
         tracker.log_file(path, str(Path(HISTOGRAM_ARTIFACT).parent))
+
+
+def log_verdict(tracker: Tracker, layers: list[str], verdict: Verdict) -> None:
+    """Log the run's gradient-health verdict as tags and as a table in the job log."""
+    table = format_table(layers, verdict)
+    log.info("Gradient health over the run:\n%s", table)
+    tags = {"gradient_health": verdict.network}
+    if verdict.first_layer:
+        tags["gradient_health.layer"] = verdict.first_layer
+    tracker.set_tags(tags)
+    tracker.log_text(table + "\n", "health/verdict.txt")
+
+
+def log_divergence(tracker: Tracker, divergence) -> None:
+    """Tag a diverged run with the reason, the iteration and each tensor's non-finite count."""
+    counts = ", ".join(f"{name}={count}" for name, count in divergence.nonfinite_counts.items())
+    first_bad = next((n for n, c in divergence.nonfinite_counts.items() if c > 0), None)
+    tags = {
+        "divergence": divergence.reason,
+        "divergence.step": divergence.step,
+        "divergence.nonfinite": counts,
+        "gradient_health": EXPLODING,
+    }
+    if first_bad:
+        tags["gradient_health.layer"] = first_bad
+    tracker.set_tags(tags)
 
 
 def log_dataset_samples(tracker: Tracker, data, count: int = 64) -> None:

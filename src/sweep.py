@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "parent_run.json"
+FAILURES_DIR = "failed_jobs"  # one JSON file per failed job, read at the sweep's end
 
 
 def sweep_dir(hydra_cfg: DictConfig) -> Path:
@@ -72,6 +73,20 @@ def job_run_name(task_overrides: list[str], keys: list[str] | None) -> str:
         if keys is None or key in keys:
             named.append(override)
     return ",".join(named) or "defaults"
+
+
+def record_job_failure(hydra_cfg: DictConfig, run_name: str, error: BaseException) -> None:
+    """Write a failed job's name and error into the sweep folder, for the sweep's end."""
+    folder = sweep_dir(hydra_cfg) / FAILURES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"job": int(hydra_cfg.job.num), "run_name": run_name, "error": f"{error}"}
+    (folder / f"{hydra_cfg.job.num}.json").write_text(json.dumps(record))
+
+
+def read_job_failures(folder: Path) -> list[dict]:
+    """Return the failure records of a sweep, ordered by job number."""
+    paths = sorted((folder / FAILURES_DIR).glob("*.json"), key=lambda p: int(p.stem))
+    return [json.loads(path.read_text()) for path in paths]
 
 
 class SweepRunCallback(Callback):

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -22,11 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src import reports
-from src.config import register_schemas, validate
+from src.activations import ActivationMonitor
+from src.config import ConfigError, register_schemas, validate
 from src.data import load_dataset
-from src.gradients import GradientMonitor, Metric
+from src.gradients import GradientMonitor
+from src.health import Thresholds, judge_run
+from src.loop import Divergence, fit
 from src.models import build_model, weight_layers
-from src.sweep import job_run_name, read_parent_run
+from src.sweep import job_run_name, read_parent_run, record_job_failure
 from src.tracking import Tracker, flatten_params, resolve_tracking_uri, start_run
 
 log = logging.getLogger(__name__)
@@ -55,83 +56,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1000):
-    """Return ``(mean loss, accuracy)`` of `model` on a whole split, as device tensors."""
-    model.eval()
-    loss_sum = torch.zeros((), device=inputs.device)
-    correct = torch.zeros((), device=inputs.device, dtype=torch.long)
-    for start in range(0, len(inputs), batch_size):
-        logits = model(inputs[start : start + batch_size])
-        batch_targets = targets[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, batch_targets, reduction="sum")
-        correct += (logits.argmax(dim=1) == batch_targets).sum()
-    model.train()
-    return loss_sum / len(inputs), correct / len(inputs)
-
-
-def fit(model, optimizer, data, monitor: GradientMonitor, tracker: Tracker, trainer_cfg, seed: int):
-    """Run the training loop; return the host history ``{metric key: ([steps], [values])}``."""
-    train_x, train_y = data.train_inputs, data.train_targets
-    num_train = len(train_x)
-    batch_size = trainer_cfg.batch_size
-    iters_per_epoch = math.ceil(num_train / batch_size)
-    shuffle = torch.Generator().manual_seed(seed)  # own stream: reshuffles do not touch dropout RNG
-    history: dict[str, tuple[list[int], list[float]]] = {}
-    global_step = 0
-
-    for epoch in range(1, trainer_cfg.epochs + 1):
-        t0 = time.perf_counter()
-        perm = torch.randperm(num_train, generator=shuffle).to(train_x.device)
-        loss_sum = torch.zeros((), device=train_x.device)
-        correct = torch.zeros((), device=train_x.device, dtype=torch.long)
-
-        for i in range(iters_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            inputs, targets = train_x[idx], train_y[idx]  # [B, C, H, W], [B]
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            global_step += 1
-            monitor.record(loss, global_step, epoch, last_in_epoch=i == iters_per_epoch - 1)
-            optimizer.step()
-
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(dim=1) == targets).sum()
-
-        # Once an epoch: move the recorded values to the host and send them in batches.
-        metrics = monitor.drain()
-        test_loss, test_acc = evaluate(model, data.test_inputs, data.test_targets)
-        train_loss, train_acc = loss_sum.item() / num_train, correct.item() / num_train
-        seconds = time.perf_counter() - t0
-        now_ms = int(time.time() * 1000)
-        metrics += [
-            Metric("train/accuracy", train_acc, epoch, now_ms),
-            Metric("test/loss", test_loss.item(), epoch, now_ms),
-            Metric("test/accuracy", test_acc.item(), epoch, now_ms),
-            Metric("time/epoch_seconds", seconds, epoch, now_ms),
-        ]
-        tracker.log_metrics(metrics)
-        for m in metrics:
-            steps, values = history.setdefault(m.key, ([], []))
-            steps.append(m.step)
-            values.append(m.value)
-
-        log.info(
-            "epoch %3d/%d | loss %.4f | acc %.4f | test loss %.4f | test acc %.4f | %.2f s",
-            epoch,
-            trainer_cfg.epochs,
-            train_loss,
-            train_acc,
-            test_loss.item(),
-            test_acc.item(),
-            seconds,
-        )
-    return history
-
-
 def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
     """Train the configured variant, log everything to MLflow, and return the final metrics."""
     validate(cfg)
@@ -143,23 +67,19 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
     # Data: whole splits as tensors on the device, batched by index.
     data = load_dataset(cfg.dataset, device)
 
-    # Model, optimizer and the gradient monitor.
+    # Model, optimizer and the monitors.
     model = build_model(cfg.model, cfg.activation, data.input_shape, data.num_classes).to(device)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     iters_per_epoch = math.ceil(len(data.train_inputs) / cfg.trainer.batch_size)
-    monitor = GradientMonitor(
-        weight_layers(model),
-        iters_per_epoch,
-        stats_every=cfg.monitor.stats_every,
-        hist_every=cfg.monitor.hist_every,
-        hist_bins=cfg.monitor.hist_bins,
-    )
+    monitor = build_monitor(model, cfg.monitor, iters_per_epoch)
+    thresholds = Thresholds(**cfg.health)
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     tags = {"activation": cfg.activation.name, "device": str(device)}
     with start_run(
         tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id
     ) as tracker:
+        activation_monitor = None
         try:
             # Config and inputs first, so that a failed run still shows what it ran.
             tracker.log_params(flatten_params(cfg))
@@ -168,27 +88,62 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
 
             log.info(
                 "Training %s on %s: %d epochs of %d iterations",
-                job.run_name,
-                device,
-                cfg.trainer.epochs,
-                iters_per_epoch,
-            )
-            history = fit(model, optimizer, data, monitor, tracker, cfg.trainer, cfg.seed)
+                job.run_name, device, cfg.trainer.epochs, iters_per_epoch,
+            )  # fmt: skip
+            if cfg.monitor.activations:
+                activation_monitor = ActivationMonitor(model, cfg.monitor.saturation_eps)
+            history = fit(
+                model, optimizer, data, monitor, tracker, cfg.trainer, cfg.seed,
+                thresholds, activation_monitor,
+            )  # fmt: skip
 
-            # Figures from the recorded data, then the model.
+            # The verdict over the whole run, figures from the recorded data, the model.
+            verdict = judge_run(monitor.layers, history.verdicts, thresholds)
+            reports.log_verdict(tracker, monitor.layers, verdict)
             reports.log_run_figures(
-                tracker, history, monitor.histograms, cfg.activation, job.run_name
+                tracker, history.metrics, monitor.histograms, cfg.activation, job.run_name
             )
             if cfg.tracking.log_model:
                 reports.log_model(model, data)
+        except Divergence as err:
+            reports.log_divergence(tracker, err)
+            log.error("Run %s diverged: %s", job.run_name, err.reason)
+            raise
         except BaseException as err:
-            log.error("Run %s failed: %s", job.run_name, err)
+            log.error("Run %s failed: %r", job.run_name, err)
             raise
         finally:
+            if activation_monitor is not None:
+                activation_monitor.remove()
             reports.log_histograms(tracker, monitor.histograms)
             log_job_log(tracker, job)
 
-    return {key: values[-1] for key, (_, values) in history.items()}
+    return history.last()
+
+
+def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> GradientMonitor:
+    """Build the gradient monitor for every weight layer and, if configured, its bias."""
+    layers = weight_layers(model)
+    tensors = list(layers)
+    if monitor_cfg.include_bias:
+        modules = dict(model.named_modules())
+        paths = {id(module.weight): path for path, module in modules.items()
+                 if getattr(module, "weight", None) is not None}  # fmt: skip
+        for name, weight in layers:
+            bias = getattr(modules[paths[id(weight)]], "bias", None)
+            if isinstance(bias, nn.Parameter):
+                tensors.append((f"{name}.bias", bias))
+    return GradientMonitor(
+        tensors,
+        iters_per_epoch,
+        layers=[name for name, _ in layers],
+        stats_every=monitor_cfg.stats_every,
+        hist_every=monitor_cfg.hist_every,
+        hist_bins=monitor_cfg.hist_bins,
+        hist_mode=monitor_cfg.hist_mode,
+        hist_log_range=tuple(monitor_cfg.hist_log_range),
+        tiny=monitor_cfg.tiny,
+    )
 
 
 def log_config(tracker: Tracker, cfg: DictConfig, job: JobInfo) -> None:
@@ -210,20 +165,31 @@ def log_job_log(tracker: Tracker, job: JobInfo) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
-    parent = None
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        parent = read_parent_run(hydra_cfg, resolve_tracking_uri(cfg.tracking.uri))
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        job = JobInfo(job_run_name(overrides, None), overrides, Path(hydra_cfg.runtime.output_dir))
+        return train(cfg, job)["test/accuracy"]
+
+    parent = read_parent_run(hydra_cfg, resolve_tracking_uri(cfg.tracking.uri))
     job = JobInfo(
         run_name=job_run_name(overrides, parent["sweep_keys"] if parent else None),
         overrides=overrides,
         output_dir=Path(hydra_cfg.runtime.output_dir),
         parent_run_id=parent["run_id"] if parent else None,
     )
-    metrics = train(cfg, job)
-    return metrics["test/accuracy"]
+    # One failed job must not stop the sweep: its run is already marked, the
+    # failure is recorded for the sweep's end, and the next job starts.
+    try:
+        return train(cfg, job)["test/accuracy"]
+    except Exception as err:
+        if isinstance(err, (ConfigError, Divergence)):
+            log.error("Job %s failed: %s", job.run_name, err)
+        else:
+            log.exception("Job %s failed", job.run_name)
+        record_job_failure(hydra_cfg, job.run_name, err)
+        return None
 
 
 if __name__ == "__main__":

@@ -3,7 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.gradients import GradientMonitor, histogram
+from src.gradients import (
+    STATS,
+    GradientMonitor,
+    count_into,
+    derive_statistics,
+    histogram,
+    raw_statistics,
+    symmetric_log_edges,
+)
 from src.models import MLP, create_activation, weight_layers
 
 
@@ -58,7 +66,7 @@ def test_monitor_means_match_grad_mean():
         expected_losses.append(loss.item())
         optimizer.step()
 
-    metrics = monitor.drain()
+    metrics = monitor.drain(epoch=1).metrics
     losses = [m for m in metrics if m.key == "train/loss"]
     assert [m.step for m in losses] == [1, 2, 3]
     np.testing.assert_allclose([m.value for m in losses], expected_losses, rtol=1e-6)
@@ -79,7 +87,7 @@ def test_monitor_histogram_from_last_batch():
         loss.backward()
         monitor.record(loss, global_step=i + 1, epoch=1, last_in_epoch=i == 1)
     last_grads = {name: w.grad.numpy().copy() for name, w in layers}
-    monitor.drain()
+    monitor.drain(epoch=1)
 
     arrays = monitor.histograms.to_arrays()
     assert arrays["epochs"].tolist() == [1]
@@ -98,7 +106,7 @@ def test_monitor_stats_every_schedule():
         model.zero_grad()
         loss.backward()
         monitor.record(loss, global_step=i + 1, epoch=1, last_in_epoch=i == 3)
-    metrics = monitor.drain()
+    metrics = monitor.drain(epoch=1).metrics
     assert [m.step for m in metrics if m.key == "train/loss"] == [1, 2, 3, 4]
     assert [m.step for m in metrics if m.key == "grad_mean/fc1"] == [2, 4]
 
@@ -106,3 +114,113 @@ def test_monitor_stats_every_schedule():
 def test_weight_layers_named_after_modules():
     model = _tiny_model()
     assert [name for name, _ in weight_layers(model)] == ["fc1", "fc2", "fc3"]
+
+
+def _statistics(grads, tiny=1e-8):
+    raw = raw_statistics(grads, tiny).numpy()
+    numel = np.array([g.numel() for g in grads], dtype=np.float64)
+    return derive_statistics(raw, numel)
+
+
+def test_statistics_match_torch_reference():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 32, generator=gen) * 1e-3 + 2e-4, torch.randn(10, generator=gen)]
+    grads[0][0, :5] = 0.0  # exact zeros count as tiny
+    stats = _statistics(grads, tiny=1e-6)
+    for index, g in enumerate(grads):
+        g64 = g.double()
+        assert stats["mean"][index] == pytest.approx(g64.mean().item(), rel=1e-5)
+        assert stats["norm"][index] == pytest.approx(torch.linalg.vector_norm(g64).item(), rel=1e-6)
+        assert stats["rms"][index] == pytest.approx(g64.pow(2).mean().sqrt().item(), rel=1e-6)
+        assert stats["std"][index] == pytest.approx(g64.std().item(), rel=1e-4)
+        assert stats["max_abs"][index] == pytest.approx(g64.abs().max().item(), rel=1e-7)
+        tiny_frac = (g64.abs() < 1e-6).double().mean().item()
+        assert stats["tiny_frac"][index] == pytest.approx(tiny_frac, abs=1e-12)
+        assert stats["nonfinite"][index] == 0
+    assert stats["tiny_frac"][0] >= 5 / grads[0].numel()
+
+
+def test_statistics_count_nonfinite():
+    g = torch.ones(4, 5)
+    g[0, 0] = float("nan")
+    g[1, 1] = float("inf")
+    g[2, 2] = -float("inf")
+    stats = _statistics([g, torch.ones(3)])
+    assert stats["nonfinite"].tolist() == [3, 0]
+    assert np.isnan(stats["norm"][0]) or np.isinf(stats["norm"][0])
+
+
+def test_statistics_tiny_threshold_zero():
+    stats = _statistics([torch.zeros(8)], tiny=0.0)
+    assert stats["tiny_frac"].tolist() == [0.0]
+
+
+def test_symmetric_log_edges_layout():
+    edges = symmetric_log_edges(31, 1e-8, 1.0)
+    assert len(edges) == 32  # 15 bins a sign plus the central bin
+    assert np.all(np.diff(edges) > 0)
+    np.testing.assert_allclose(edges[:16], -edges[16:][::-1])
+    assert edges[16] == pytest.approx(1e-8)
+    assert edges[-1] == pytest.approx(1.0)
+
+
+def test_fixed_edges_match_numpy():
+    edges = torch.as_tensor(symmetric_log_edges(21, 1e-6, 1e-1))
+    values = torch.randn(2000, generator=torch.Generator().manual_seed(1)) * 1e-3
+    counts = count_into(values, edges)
+    expected, _ = np.histogram(values.numpy(), bins=edges.numpy())
+    np.testing.assert_array_equal(counts.numpy(), expected)
+
+
+def test_fixed_edges_keep_outliers():
+    edges = torch.as_tensor(symmetric_log_edges(5, 1e-3, 1.0))
+    counts = count_into(torch.tensor([-50.0, 0.0, 50.0]), edges)
+    assert counts.sum() == 3
+    assert counts[0] == 1
+    assert counts[-1] == 1
+
+
+def test_monitor_log_mode_shares_edges():
+    model = _tiny_model()
+    monitor = GradientMonitor(weight_layers(model), 1, hist_bins=11, hist_mode="log")
+    loss = F.cross_entropy(model(torch.rand(4, 1, 6, 6)), torch.randint(0, 10, (4,)))
+    loss.backward()
+    monitor.record(loss, global_step=1, epoch=1, last_in_epoch=True)
+    monitor.drain(epoch=1)
+    arrays = monitor.histograms.to_arrays()
+    assert str(arrays["mode"]) == "log"
+    assert arrays["edges"].shape == (1, 3, 12)
+    np.testing.assert_array_equal(arrays["edges"][0, 0], arrays["edges"][0, 2])
+
+
+def test_monitor_logs_every_stat_and_bias():
+    model = _tiny_model()
+    tensors = weight_layers(model) + [("fc1.bias", model.layers.fc1.bias)]
+    monitor = GradientMonitor(tensors, 1, layers=["fc1", "fc2", "fc3"])
+    loss = F.cross_entropy(model(torch.rand(4, 1, 6, 6)), torch.randint(0, 10, (4,)))
+    loss.backward()
+    monitor.record(loss, global_step=1, epoch=1, last_in_epoch=True)
+    record = monitor.drain(epoch=1)
+    keys = {m.key for m in record.metrics}
+    for stat in STATS:
+        assert f"grad_{stat}/fc1" in keys
+        assert f"grad_{stat}/fc1.bias" in keys
+    assert monitor.histograms.to_arrays()["layers"].tolist() == ["fc1", "fc2", "fc3"]
+    assert record.first_nonfinite() is None
+
+
+def test_record_finds_first_nonfinite():
+    model = _tiny_model()
+    monitor = GradientMonitor(weight_layers(model), 3)
+    for step in (1, 2, 3):
+        model.zero_grad()
+        loss = F.cross_entropy(model(torch.rand(4, 1, 6, 6)), torch.randint(0, 10, (4,)))
+        loss.backward()
+        if step >= 2:
+            model.layers.fc2.weight.grad[0, 0] = float("nan")
+        monitor.record(loss, global_step=step, epoch=1, last_in_epoch=step == 3)
+    record = monitor.drain(epoch=1)
+    step, reason = record.first_nonfinite()
+    assert step == 2
+    assert "iteration 2" in reason
+    assert record.stats["nonfinite"][1].tolist() == [0, 1, 0]

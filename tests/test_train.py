@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from src import train as train_module
 from src.data import load_dataset
-from src.gradients import load_histograms
+from src.gradients import STATS, load_histograms
 from src.tracking import flatten_params
 from src.train import JobInfo, train
 from tests.conftest import PROJECT_ROOT, TINY_OVERRIDES
@@ -27,6 +27,7 @@ EXPECTED_ARTIFACTS = {
     "figures/grad_mean.png",
     "figures/gradient_waterfall.png",
     "figures/activation.png",
+    "health/verdict.txt",
 }
 
 
@@ -73,12 +74,38 @@ def test_run_logs_every_param(finished_run):
 def test_run_metric_step_counts(finished_run):
     cfg, client, run, _ = finished_run
     iters = 3 * cfg.trainer.epochs  # 300 images in batches of 128: 3 iterations an epoch
-    for key in ["train/loss", *(f"grad_mean/{layer}" for layer in LAYERS)]:
+    per_iteration = ["train/loss"]
+    for stat in STATS:
+        per_iteration += [f"grad_{stat}/{layer}" for layer in LAYERS]
+        per_iteration += [f"grad_{stat}/{layer}.bias" for layer in LAYERS]
+    for key in per_iteration:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, iters + 1)), key
-    for key in ["train/accuracy", "test/accuracy", "test/loss"]:
+
+    per_epoch = ["train/accuracy", "test/accuracy", "test/loss", "health/decay_per_layer"]
+    per_epoch += [f"health/rms/{layer}" for layer in LAYERS]
+    per_epoch += [f"health/rms_ratio/{layer}" for layer in LAYERS]
+    per_epoch += [f"act_dead_frac/act{i}" for i in (1, 2, 3)]
+    for key in per_epoch:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, cfg.trainer.epochs + 1)), key
+
+
+def test_run_tagged_with_verdict(finished_run):
+    _, _, run, _ = finished_run
+    assert run.data.tags["gradient_health"] in {"vanishing", "exploding", "healthy"}
+    assert run.data.tags["activation"] == "relu"
+    if run.data.tags["gradient_health"] != "healthy":
+        assert run.data.tags["gradient_health.layer"] in LAYERS
+
+
+def test_logged_stats_match_recomputation(finished_run):
+    # The RMS is the norm over the square root of the entry count: fc1 is 784 x 32.
+    _, client, run, _ = finished_run
+    norms = client.get_metric_history(run.info.run_id, "grad_norm/fc1")
+    rms = client.get_metric_history(run.info.run_id, "grad_rms/fc1")
+    for norm, value in zip(norms, rms):
+        assert value.value == pytest.approx(norm.value / np.sqrt(784 * 32), rel=1e-6)
 
 
 def test_run_logs_every_artifact(finished_run):
@@ -143,6 +170,31 @@ def test_bad_config_starts_no_run(tiny_cfg):
         train(tiny_cfg)
     client = MlflowClient(tiny_cfg.tracking.uri)
     assert client.get_experiment_by_name(tiny_cfg.tracking.experiment_name) is None
+
+
+def test_diverged_run_failed_with_counts(tiny_cfg):
+    tiny_cfg.optimizer.lr = 1e10
+    with pytest.raises(train_module.Divergence, match="non-finite"):
+        train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(tiny_cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert "non-finite" in run.data.tags["divergence"]
+    step = int(run.data.tags["divergence.step"])
+    assert step >= 1
+    counts = run.data.tags["divergence.nonfinite"]
+    assert counts.startswith("fc1=")
+    assert run.data.tags["gradient_health"] == "exploding"
+    nonfinite = [
+        m.value
+        for layer in LAYERS
+        for m in client.get_metric_history(run.info.run_id, f"grad_nonfinite/{layer}")
+        if m.step == step
+    ]
+    assert sum(nonfinite) > 0, "the per-layer counts at the diverging step are logged"
+    artifacts = list_artifacts(client, run.info.run_id)
+    assert "gradients/histograms.npz" in artifacts
 
 
 def test_multirun_two_activations(tmp_path):
