@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from src.gradients import Metric
+from src.gradients import Metric, count_below
 
 # Activations whose output is positive exactly where their input is: a unit is
 # active on a sample when its output is > 0, and dead when it never is.
@@ -35,7 +35,7 @@ class ActivationMonitor:
     def __init__(self, model: nn.Module, saturation_eps: float = 0.01):
         self.saturation_eps = saturation_eps
         self.names: list[str] = []
-        self._ever_active: dict[str, torch.Tensor] = {}
+        self._max_output: dict[str, torch.Tensor] = {}  # per unit, over the epoch
         self._saturated: dict[str, torch.Tensor] = {}
         self._total: dict[str, int] = {}
         self._handles = []
@@ -52,14 +52,19 @@ class ActivationMonitor:
             output = output.detach()
             bounds = BOUNDS.get(type(module))
             if bounds is None:
+                # A unit was active if its largest output over the epoch is > 0.
                 units = output.movedim(1, -1).reshape(-1, output.shape[1])  # [samples, units]
-                active = (units > 0).any(dim=0)
-                previous = self._ever_active.get(name)
-                self._ever_active[name] = active if previous is None else previous | active
+                batch_max = units.amax(dim=0)
+                previous = self._max_output.get(name)
+                self._max_output[name] = (
+                    batch_max if previous is None else torch.maximum(previous, batch_max)
+                )
             else:
+                # Saturated: |output - centre| >= half-width - eps, counted in float arithmetic.
                 lo, hi = bounds
-                eps = self.saturation_eps
-                saturated = ((output < lo + eps) | (output > hi - eps)).sum()
+                centred = (output - (lo + hi) / 2).reshape(-1)
+                inside = count_below([centred], (hi - lo) / 2 - self.saturation_eps)[0]
+                saturated = output.numel() - inside
                 self._saturated[name] = self._saturated.get(name, 0) + saturated
                 self._total[name] = self._total.get(name, 0) + output.numel()
 
@@ -69,13 +74,13 @@ class ActivationMonitor:
         """Return the epoch's fractions as metrics (step = epoch) and reset the counts."""
         now_ms = int(time.time() * 1000)
         metrics = []
-        for name, active in self._ever_active.items():
-            dead = 1.0 - active.float().mean().item()
+        for name, max_output in self._max_output.items():
+            dead = (max_output <= 0).float().mean().item()
             metrics.append(Metric(f"act_dead_frac/{name}", dead, epoch, now_ms))
         for name, saturated in self._saturated.items():
             fraction = float(saturated) / max(self._total[name], 1)
             metrics.append(Metric(f"act_saturated_frac/{name}", fraction, epoch, now_ms))
-        self._ever_active.clear()
+        self._max_output.clear()
         self._saturated.clear()
         self._total.clear()
         return metrics

@@ -8,11 +8,13 @@ iteration costs no device synchronisation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from src.histograms import HistogramHistory, symmetric_log_edges
 
 
 def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,53 +46,6 @@ def count_into(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bincount(index.clamp_(0, bins - 1), minlength=bins)
 
 
-def symmetric_log_edges(bins: int, lo: float, hi: float) -> np.ndarray:
-    """Return fixed edges ``[-hi .. -lo, lo .. hi]`` with log-spaced magnitudes.
-
-    There are ``bins // 2`` bins per sign plus one central bin ``[-lo, lo)`` for
-    values too small to tell from zero, so ``2 * (bins // 2) + 1`` bins in all.
-    The same edges for every layer, epoch and run make histograms comparable.
-    """
-    per_sign = max(bins // 2, 1)
-    magnitudes = np.logspace(np.log10(lo), np.log10(hi), per_sign + 1)
-    return np.concatenate([-magnitudes[::-1], magnitudes]).astype(np.float32)
-
-
-@dataclass
-class HistogramHistory:
-    """Per-epoch gradient histograms of every weight layer, as host arrays.
-
-    ``edges[e, l]`` holds the ``bins + 1`` bin edges and ``counts[e, l]`` the counts
-    of layer ``layers[l]`` at epoch ``epochs[e]`` (1-based).
-    """
-
-    layers: list[str]
-    mode: str = "range"  # "range": each tensor's own min..max; "log": fixed symmetric log edges
-    epochs: list[int] = field(default_factory=list)
-    edges: list[np.ndarray] = field(default_factory=list)  # each [L, bins + 1]
-    counts: list[np.ndarray] = field(default_factory=list)  # each [L, bins]
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Stack the history into the arrays stored in ``histograms.npz``."""
-        num_layers = len(self.layers)
-        return {
-            "layers": np.asarray(self.layers, dtype=str),
-            "mode": np.asarray(self.mode),
-            "epochs": np.asarray(self.epochs, dtype=np.int64),
-            "edges": np.stack(self.edges) if self.edges else np.zeros((0, num_layers, 0)),
-            "counts": np.stack(self.counts) if self.counts else np.zeros((0, num_layers, 0)),
-        }
-
-    def save(self, path) -> None:
-        np.savez(path, **self.to_arrays())
-
-
-def load_histograms(path) -> dict[str, np.ndarray]:
-    """Read a ``histograms.npz`` artifact back: ``layers``, ``epochs``, ``edges``, ``counts``."""
-    with np.load(path) as data:
-        return {key: data[key] for key in data.files}
-
-
 @dataclass
 class Metric:
     key: str
@@ -117,7 +72,7 @@ def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
     extrema = [torch.aminmax(g) for g in grads]
     max_abs = [torch.maximum(hi, -lo) for lo, hi in extrema]
 
-    tiny_counts = _count_below(grads, tiny)
+    tiny_counts = count_below(grads, tiny)
 
     norms_finite = torch.isfinite(torch.stack(norms))
     if grads[0].device.type == "cpu" and bool(norms_finite.all()):
@@ -132,7 +87,7 @@ def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
     return torch.stack(quantities).reshape(len(_RAW), len(grads))
 
 
-def _count_below(grads: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+def count_below(grads: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
     """Count the entries with ``|g| < threshold`` in each tensor, as float scalars."""
     if threshold <= 0:
         return [torch.zeros((), device=g.device) for g in grads]

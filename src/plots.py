@@ -8,11 +8,12 @@ Figures are built without pyplot, so no global figure state or backend is involv
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
@@ -257,6 +258,67 @@ def plot_grad_stat_vs_depth(
     return fig
 
 
+def render_epoch_histograms(
+    edges: np.ndarray,
+    counts: np.ndarray,
+    layers: list[str],
+    epochs: np.ndarray,
+    title: str,
+    dpi: int = 72,
+    symlog_threshold: float | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(epoch, RGB image [H, W, 3] uint8)``: each epoch's histograms, a panel per layer.
+
+    One figure is drawn once and its step lines updated per epoch, which is several
+    times faster than a new figure per epoch. Each panel's x range is the widest
+    over all epochs, so playing the images in order shows a distribution narrow.
+    With `symlog_threshold` (for log-spaced edges), the x axis is symmetric-log,
+    linear within that magnitude.
+    """
+    edges, counts, epochs = _validate_histograms(edges, counts, layers, epochs, title)
+    columns = min(len(layers), MAX_PANELS_PER_ROW)
+    rows = math.ceil(len(layers) / columns)
+    fig = Figure(figsize=(3.2 * columns, 2.6 * rows + 0.4), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(layers) :]:
+        ax.set_visible(False)
+
+    steps = []
+    for index, (ax, layer) in enumerate(zip(axes, layers)):
+        finite = np.isfinite(edges[:, index])
+        low = float(edges[:, index][finite].min()) if finite.any() else -1.0
+        high = float(edges[:, index][finite].max()) if finite.any() else 1.0
+        ax.set_xlim(*_nonsingular_limits(low, high))
+        ax.set_ylim(0, max(float(counts[:, index].max()), 1.0) * 1.05)
+        ax.set_title(layer)
+        ax.set_xlabel("gradient value")
+        if symlog_threshold is None:
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        else:
+            ax.set_xscale("symlog", linthresh=symlog_threshold)
+        steps.append(ax.stairs(np.zeros(counts.shape[2]), np.arange(counts.shape[2] + 1.0),
+                               color=_color(0), fill=True, animated=True))  # fmt: skip
+    axes[0].set_ylabel("count")
+    suptitle = fig.suptitle(f"{title}: weight gradients, epoch {int(epochs[-1])}", animated=True)
+    # Draw axes, ticks and labels once; each frame redraws only the animated
+    # artists on a copy of that background (blitting), about 20 times faster.
+    fig.canvas.draw()
+    fig.set_layout_engine("none")
+    background = fig.canvas.copy_from_bbox(fig.bbox)
+
+    for e, epoch in enumerate(epochs):
+        if not (np.isfinite(edges[e]).all() and np.isfinite(counts[e]).all()):
+            continue  # a diverged epoch has nothing to draw
+        fig.canvas.restore_region(background)
+        for index, step in enumerate(steps):
+            step.set_data(counts[e, index], edges[e, index])
+            step.axes.draw_artist(step)
+        suptitle.set_text(f"{title}: weight gradients, epoch {int(epoch)}")
+        fig.draw_artist(suptitle)
+        yield int(epoch), np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
 def _color(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
@@ -440,3 +502,74 @@ def _nonsingular_limits(low: float, high: float) -> tuple[float, float]:
         return low, high
     pad = 0.05 * abs(low) if low != 0 else 0.5
     return low - pad, high + pad
+
+
+# Line styles from the earliest to the latest epoch drawn, so the latest is the boldest.
+EPOCH_LINESTYLES = (":", "--", "-.", "-")
+EPOCH_MARKERS = ("s", "^", "D", "o")
+
+
+def plot_grad_stat_vs_depth_by_variant(
+    values: Mapping[str, Mapping[int, np.ndarray]],
+    layers: list[str],
+    ylabel: str,
+    title: str,
+    logy: bool = True,
+) -> Figure:
+    """Plot a per-layer gradient statistic against depth for several variants and epochs.
+
+    `values` maps a variant label -> 1-based epoch -> array of shape [L] in the
+    order of `layers` (input side first), with NaN for a layer the variant lacks.
+    Each variant keeps one color, and each epoch, ranked over all variants, its
+    own line style and marker, with the latest epoch solid. Lines are labelled
+    "<variant>, epoch <n>". With `logy` (the default), non-positive and non-finite
+    values are left out. Raises ValueError when an array has not one value per layer.
+    """
+    epochs = sorted({epoch for by_epoch in values.values() for epoch in by_epoch})
+    styles = _epoch_styles(epochs)
+    positions = np.arange(len(layers))
+    fig = Figure(figsize=(max(6.5, 1.2 * len(layers) + 3.5), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+
+    for index, (label, by_epoch) in enumerate(values.items()):
+        for epoch, per_layer in sorted(by_epoch.items()):
+            per_layer = np.asarray(per_layer, dtype=float)
+            if per_layer.shape != (len(layers),):
+                raise ValueError(
+                    f"values[{label!r}][{epoch}] has shape {per_layer.shape}, "
+                    f"expected ({len(layers)},), one value per layer"
+                )
+            if logy:
+                per_layer = _mask_non_positive(per_layer)
+            style = styles[epoch]
+            ax.plot(
+                positions,
+                per_layer,
+                color=_color(index),
+                linestyle=EPOCH_LINESTYLES[style],
+                marker=EPOCH_MARKERS[style],
+                markersize=5,
+                label=f"{label}, epoch {epoch}",
+            )
+
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xticks(positions, layers)
+    ax.set_title(title)
+    ax.set_xlabel("layer (input → output)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if values:
+        fig.legend(loc="outside right upper", fontsize="small")
+    return fig
+
+
+def _epoch_styles(epochs: list[int]) -> dict[int, int]:
+    """Map sorted epochs to indices into EPOCH_LINESTYLES, the last epoch to the solid style.
+
+    Up to four epochs take the last styles in order; more epochs share them evenly.
+    """
+    count = len(EPOCH_LINESTYLES)
+    if len(epochs) <= count:
+        return {epoch: count - len(epochs) + rank for rank, epoch in enumerate(epochs)}
+    return {epoch: rank * (count - 1) // (len(epochs) - 1) for rank, epoch in enumerate(epochs)}

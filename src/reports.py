@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.gradients import HistogramHistory
 from src.health import EXPLODING, Verdict, format_table
+from src.histograms import HistogramHistory
 from src.models import activation_curve, create_activation
 from src.tracking import Tracker
 
@@ -106,6 +106,30 @@ def log_run_figures(
     tracker.log_figure(
         plots.plot_activations({activation_cfg.name: curve}), "figures/activation.png"
     )
+
+
+def log_epoch_images(tracker: Tracker, histograms: HistogramHistory, title: str) -> None:
+    """Log each epoch's histograms as an image with key ``gradient_histograms`` and step = epoch.
+
+    The MLflow UI shows images logged under one key with a step slider, which
+    plays the epochs in order.
+    """
+    if not histograms.epochs:
+        return
+    from src.plots import render_epoch_histograms
+
+    arrays = histograms.to_arrays()
+    threshold = None
+    if histograms.mode == "log":
+        threshold = float(np.min(np.abs(arrays["edges"])))  # the central bin's half-width
+    frames = render_epoch_histograms(
+        arrays["edges"], arrays["counts"], histograms.layers, arrays["epochs"], title,
+        symlog_threshold=threshold,
+    )  # fmt: skip
+    for epoch, image in frames:
+        tracker.client.log_image(
+            tracker.run_id, image, key="gradient_histograms", step=epoch, synchronous=True
+        )
 
 
 def log_model(model: nn.Module, data, example_size: int = 4) -> None:

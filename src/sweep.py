@@ -125,22 +125,42 @@ class SweepRunCallback(Callback):
         log.info("Sweep parent run %s in %s", self.run_id, self.tracking_uri)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Log the comparison of the sweep's runs to the parent run, then finish it.
+
+        Exits non-zero after that when a job failed, so scripts see the failure.
+        """
         if self.run_id is None:
             return
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
-        children = client.search_runs(
-            [client.get_run(self.run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
-        )
-        statuses = sorted({child.info.status for child in children})
-        status = "FINISHED" if children and statuses == ["FINISHED"] else "FAILED"
-        client.set_terminated(self.run_id, status=status)
-        log.info(
-            "Sweep parent run %s ended %s: %d child runs (%s)",
-            self.run_id,
-            status,
-            len(children),
-            ", ".join(statuses) or "none",
-        )
+        folder = sweep_dir(config.hydra)
+        failures = read_job_failures(folder)
+        status = "FINISHED"
+        try:
+            self._log_comparison(client, folder / "comparison")
+        except Exception:
+            log.exception("Building the comparison for sweep parent run %s failed", self.run_id)
+            status = "FAILED"
+        finally:
+            client.set_tag(self.run_id, "sweep.failed_jobs", str(len(failures)))
+            client.set_terminated(self.run_id, status=status)
+        log.info("Sweep parent run %s ended %s", self.run_id, status)
+
+        if failures:
+            names = ", ".join(f"#{f['job']} {f['run_name']}" for f in failures)
+            log.error("%d job(s) of the sweep failed: %s", len(failures), names)
+            raise SystemExit(1)
+
+    def _log_comparison(self, client, out_dir: Path) -> None:
+        from src import compare
+
+        try:
+            runs = compare.select_runs(client, parent_run_id=self.run_id)
+        except ValueError as err:
+            log.warning("Nothing to compare in sweep parent run %s: %s", self.run_id, err)
+            return
+        comparison = compare.build_comparison(client, runs, out_dir)
+        compare.log_comparison(client, comparison, self.run_id)
+        log.info("Sweep comparison in parent run %s and %s:\n%s",
+                 self.run_id, out_dir, comparison.explanation)  # fmt: skip

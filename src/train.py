@@ -103,6 +103,8 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             reports.log_run_figures(
                 tracker, history.metrics, monitor.histograms, cfg.activation, job.run_name
             )
+            if cfg.monitor.epoch_images:
+                reports.log_epoch_images(tracker, monitor.histograms, job.run_name)
             if cfg.tracking.log_model:
                 reports.log_model(model, data)
         except Divergence as err:
@@ -184,9 +186,9 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, job)["test/accuracy"]
     except Exception as err:
-        if isinstance(err, (ConfigError, Divergence)):
+        if isinstance(err, ConfigError):
             log.error("Job %s failed: %s", job.run_name, err)
-        else:
+        elif not isinstance(err, Divergence):  # train() has logged a divergence already
             log.exception("Job %s failed", job.run_name)
         record_job_failure(hydra_cfg, job.run_name, err)
         return None

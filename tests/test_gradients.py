@@ -10,8 +10,8 @@ from src.gradients import (
     derive_statistics,
     histogram,
     raw_statistics,
-    symmetric_log_edges,
 )
+from src.histograms import symmetric_log_edges
 from src.models import MLP, create_activation, weight_layers
 
 

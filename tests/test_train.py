@@ -1,5 +1,6 @@
 """End-to-end runs of the real pipeline into a temporary SQLite MLflow store."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from src import train as train_module
 from src.data import load_dataset
-from src.gradients import STATS, load_histograms
+from src.gradients import STATS
+from src.histograms import load_histograms
 from src.tracking import flatten_params
 from src.train import JobInfo, train
 from tests.conftest import PROJECT_ROOT, TINY_OVERRIDES
@@ -197,38 +199,88 @@ def test_diverged_run_failed_with_counts(tiny_cfg):
     assert "gradients/histograms.npz" in artifacts
 
 
-def test_multirun_two_activations(tmp_path):
+def run_multirun(tmp_path, *overrides: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``python -m src.train -m`` on tiny settings into a store in `tmp_path`."""
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     (tmp_path / "mlruns").mkdir()
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "src.train",
-            "-m",
-            "activation=relu,sigmoid",
-            *TINY_OVERRIDES,
-            "trainer.epochs=1",
-            "tracking.log_model=false",
-            f"tracking.uri={uri}",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        cwd=PROJECT_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+        [sys.executable, "-m", "src.train", "-m", *overrides, *TINY_OVERRIDES,
+         "trainer.epochs=1", "tracking.log_model=false",
+         f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    return result, uri
+
+
+def sweep_runs(uri: str) -> tuple[object, list]:
+    """Return the sweep's parent run and its child runs."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("vanishing-gradients")
     runs = client.search_runs([experiment.experiment_id])
-    jobs = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+def test_multirun_two_activations(tmp_path):
+    result, uri = run_multirun(tmp_path, "activation=relu,sigmoid")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(uri)
+    parent, jobs = sweep_runs(uri)
+    assert parent.info.status == "FINISHED"
     assert sorted(r.info.run_name for r in jobs) == ["activation=relu", "activation=sigmoid"]
     assert all(r.info.status == "FINISHED" for r in jobs)
     for run in jobs:
         artifacts = list_artifacts(client, run.info.run_id)
         assert "logs/train.log" in artifacts
         assert "config/hydra/overrides.yaml" in artifacts
+        assert any(path.startswith("images/gradient_histograms") for path in artifacts)
+
+    comparison = list_artifacts(client, parent.info.run_id, "comparison")
+    for name in ["loss.png", "grad_mean.png", "rms_vs_depth.png", "waterfalls.png",
+                 "summary.csv", "summary.md"]:  # fmt: skip
+        assert f"comparison/{name}" in comparison
+    summary = client.download_artifacts(parent.info.run_id, "comparison/summary.csv", str(tmp_path))
+    with open(summary) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["run_name"] for row in rows) == ["activation=relu", "activation=sigmoid"]
+
+
+def test_multirun_divergence_spares_sibling(tmp_path):
+    result, uri = run_multirun(tmp_path, "optimizer.lr=1e-3,1e10")
+    assert result.returncode == 1, "a failed job makes the sweep exit non-zero"
+    assert "1 job(s) of the sweep failed" in result.stderr + result.stdout
+    client = MlflowClient(uri)
+    parent, jobs = sweep_runs(uri)
+    by_name = {run.info.run_name: run for run in jobs}
+    assert by_name["optimizer.lr=0.001"].info.status == "FINISHED"
+    diverged = by_name["optimizer.lr=10000000000.0"]
+    assert diverged.info.status == "FAILED"
+    assert "non-finite" in diverged.data.tags["divergence"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.failed_jobs"] == "1"
+    assert "comparison/summary.md" in list_artifacts(client, parent.info.run_id, "comparison")
+
+
+def test_epoch_images_have_steps(finished_run):
+    cfg, client, run, _ = finished_run
+    images = [p for p in list_artifacts(client, run.info.run_id, "images") if p.endswith(".png")]
+    steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in images)
+    assert steps == list(range(1, cfg.trainer.epochs + 1))
+
+
+def test_log_histogram_mode_runs(tiny_cfg, tmp_path):
+    tiny_cfg.monitor.hist_mode = "log"
+    tiny_cfg.monitor.hist_bins = 21
+    tiny_cfg.tracking.log_model = False
+    train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(tiny_cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    path = client.download_artifacts(run.info.run_id, "gradients/histograms.npz", str(tmp_path))
+    hist = load_histograms(path)
+    assert str(hist["mode"]) == "log"
+    assert hist["edges"].shape == (2, 4, 22)
+    np.testing.assert_array_equal(hist["edges"][0, 0], hist["edges"][1, 3])
