@@ -36,7 +36,7 @@ class MonitorConfig:
     hist_mode: str = "range"  # "range": each tensor's min..max; "log": fixed symmetric log edges
     hist_log_range: list[float] = field(default_factory=lambda: [1e-10, 1.0])  # |g| of log edges
     tiny: float = 1e-8  # |g| below this counts as tiny (grad_tiny_frac) and not active (health)
-    include_bias: bool = True  # also record bias gradients, as grad_<stat>/<layer>.bias
+    log_bias: bool = False  # also log bias statistics per iteration, as grad_<stat>/<layer>.bias
     epoch_images: bool = True  # one histogram image per epoch, for the MLflow UI's step slider
     activations: bool = True  # forward hooks for dead-unit and saturation fractions
     saturation_eps: float = 0.01  # sigmoid/tanh outputs this close to a bound are saturated

@@ -63,16 +63,16 @@ _RAW = ("sum", "norm", "max_abs", "tiny_count", "nonfinite_count")
 def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
     """Compute the raw per-tensor quantities of `grads` on their device: ``[len(_RAW), T]``.
 
-    Counts use float arithmetic, because comparisons to bool and sums of bools
-    are several times slower than float passes on CPU (torch 2.14). Counts are
-    float32, exact up to 2**24 entries a tensor.
+    Multi-tensor (``_foreach``) kernels do most of the work, one launch for all
+    tensors. Counts use float arithmetic, because comparisons to bool and sums
+    of bools are several times slower than float passes on CPU (torch 2.14).
+    Counts are float32, exact up to 2**24 entries a tensor.
     """
     norms = torch._foreach_norm(grads)
     sums = [g.sum() for g in grads]
-    extrema = [torch.aminmax(g) for g in grads]
-    max_abs = [torch.maximum(hi, -lo) for lo, hi in extrema]
-
-    tiny_counts = count_below(grads, tiny)
+    magnitudes = torch._foreach_abs(grads)
+    max_abs = torch._foreach_max(magnitudes)
+    tiny_counts = _count_below_inplace(magnitudes, tiny)
 
     norms_finite = torch.isfinite(torch.stack(norms))
     if grads[0].device.type == "cpu" and bool(norms_finite.all()):
@@ -87,18 +87,22 @@ def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
     return torch.stack(quantities).reshape(len(_RAW), len(grads))
 
 
-def count_below(grads: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
-    """Count the entries with ``|g| < threshold`` in each tensor, as float scalars."""
+def count_below(values: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Count the entries with ``|v| < threshold`` in each tensor, as float scalars."""
+    return _count_below_inplace(torch._foreach_abs(values), threshold)
+
+
+def _count_below_inplace(magnitudes: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Count entries below `threshold` in non-negative tensors, overwriting them."""
     if threshold <= 0:
-        return [torch.zeros((), device=g.device) for g in grads]
-    # 1 where |g| < threshold, else 0: clamp(1 - |g| / threshold, 0, 1) rounded up.
-    below = torch._foreach_abs(grads)
-    torch._foreach_mul_(below, -1.0 / threshold)
-    torch._foreach_add_(below, 1.0)
-    torch._foreach_clamp_min_(below, 0.0)
-    torch._foreach_clamp_max_(below, 1.0)
-    torch._foreach_ceil_(below)
-    return [b.sum() for b in below]
+        return [torch.zeros((), device=m.device) for m in magnitudes]
+    # 1 where m < threshold, else 0: clamp(1 - m / threshold, min=0) rounded up.
+    # NOTE: entries within float32 rounding of the threshold may count either way.
+    torch._foreach_mul_(magnitudes, -1.0 / threshold)
+    torch._foreach_add_(magnitudes, 1.0)
+    torch._foreach_clamp_min_(magnitudes, 0.0)
+    torch._foreach_ceil_(magnitudes)
+    return [m.sum() for m in magnitudes]
 
 
 def derive_statistics(raw: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarray]:
@@ -164,7 +168,9 @@ class GradientMonitor:
 
     `tensors` are ``(name, parameter)`` pairs; weights are named after their
     layer (``fc1``) and biases ``<layer>.bias``. Histograms cover the `layers`
-    subset, the weight tensors.
+    subset, the weight tensors. Statistics of every tensor are computed and
+    returned in the epoch record, but only those of the `logged` names (default:
+    all) become metrics.
     """
 
     def __init__(
@@ -178,6 +184,7 @@ class GradientMonitor:
         hist_mode: str = "range",
         hist_log_range: tuple[float, float] = (1e-10, 1.0),
         tiny: float = 1e-8,
+        logged: list[str] | None = None,
     ):
         if not tensors:
             raise ValueError("The model has no weight layers to monitor.")
@@ -193,6 +200,9 @@ class GradientMonitor:
         self.hist_bins = hist_bins
         self.hist_mode = hist_mode
         self.tiny = tiny
+        # Tensors whose per-iteration statistics become metrics; all are computed.
+        logged = self.names if logged is None else logged
+        self._logged = [(i, name) for i, name in enumerate(self.names) if name in logged]
         self.histograms = HistogramHistory(self.layers, mode=hist_mode)
 
         device = self.tensors[0].device
@@ -245,8 +255,8 @@ class GradientMonitor:
             for stat in STATS:
                 values = stats[stat][row]
                 metrics.extend(
-                    Metric(f"grad_{stat}/{name}", float(value), step, ts)
-                    for name, value in zip(self.names, values)
+                    Metric(f"grad_{stat}/{name}", float(values[i]), step, ts)
+                    for i, name in self._logged
                 )
 
         if self._pending_hist is not None:

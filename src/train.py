@@ -124,17 +124,21 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
 
 
 def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> GradientMonitor:
-    """Build the gradient monitor for every weight layer and, if configured, its bias."""
+    """Build the gradient monitor for every weight layer and its bias.
+
+    Bias gradients are always monitored, because the health verdict reads them;
+    their per-iteration metrics are logged only with ``monitor.log_bias``.
+    """
     layers = weight_layers(model)
     tensors = list(layers)
-    if monitor_cfg.include_bias:
-        modules = dict(model.named_modules())
-        paths = {id(module.weight): path for path, module in modules.items()
-                 if getattr(module, "weight", None) is not None}  # fmt: skip
-        for name, weight in layers:
-            bias = getattr(modules[paths[id(weight)]], "bias", None)
-            if isinstance(bias, nn.Parameter):
-                tensors.append((f"{name}.bias", bias))
+    modules = dict(model.named_modules())
+    paths = {id(module.weight): path for path, module in modules.items()
+             if getattr(module, "weight", None) is not None}  # fmt: skip
+    for name, weight in layers:
+        bias = getattr(modules[paths[id(weight)]], "bias", None)
+        if isinstance(bias, nn.Parameter):
+            tensors.append((f"{name}.bias", bias))
+    logged = None if monitor_cfg.log_bias else [name for name, _ in layers]
     return GradientMonitor(
         tensors,
         iters_per_epoch,
@@ -145,6 +149,7 @@ def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> Gradie
         hist_mode=monitor_cfg.hist_mode,
         hist_log_range=tuple(monitor_cfg.hist_log_range),
         tiny=monitor_cfg.tiny,
+        logged=logged,
     )
 
 

@@ -79,7 +79,6 @@ def test_run_metric_step_counts(finished_run):
     per_iteration = ["train/loss"]
     for stat in STATS:
         per_iteration += [f"grad_{stat}/{layer}" for layer in LAYERS]
-        per_iteration += [f"grad_{stat}/{layer}.bias" for layer in LAYERS]
     for key in per_iteration:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, iters + 1)), key
@@ -91,6 +90,22 @@ def test_run_metric_step_counts(finished_run):
     for key in per_epoch:
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == list(range(1, cfg.trainer.epochs + 1)), key
+
+
+def test_bias_stats_logged_on_request(tiny_cfg):
+    tiny_cfg.monitor.log_bias = True
+    tiny_cfg.tracking.log_model = False
+    train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(tiny_cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "grad_rms/fc1.bias")
+    assert [m.step for m in history] == list(range(1, 7))
+
+
+def test_bias_stats_not_logged_by_default(finished_run):
+    _, _, run, _ = finished_run
+    assert not [key for key in run.data.metrics if key.endswith(".bias")]
 
 
 def test_run_tagged_with_verdict(finished_run):
