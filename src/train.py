@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from src import reports
 from src.activations import ActivationMonitor
 from src.config import ConfigError, register_schemas, validate
 from src.data import load_dataset
-from src.gradients import GradientMonitor
+from src.gradients import GradientMonitor, Metric
 from src.health import Thresholds, judge_run
 from src.loop import Divergence, fit
 from src.models import build_model, weight_layers
@@ -92,10 +93,17 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             )  # fmt: skip
             if cfg.monitor.activations:
                 activation_monitor = ActivationMonitor(model, cfg.monitor.saturation_eps)
+            fit_start = time.perf_counter()
             history = fit(
                 model, optimizer, data, monitor, tracker, cfg.trainer, cfg.seed,
                 thresholds, activation_monitor,
             )  # fmt: skip
+            # From the first iteration to the end of the last epoch's logging.
+            fit_seconds = time.perf_counter() - fit_start
+            tracker.log_metrics(
+                [Metric("time/fit_seconds", fit_seconds, 0, int(time.time() * 1000))]
+            )
+            history.add([Metric("time/fit_seconds", fit_seconds, 0, 0)])
 
             # The verdict over the whole run, figures from the recorded data, the model.
             verdict = judge_run(monitor.layers, history.verdicts, thresholds)
