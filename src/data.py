@@ -9,6 +9,9 @@ digit on its centre of mass, which pushes a top-heavy 7 against the bottom edge 
 scaled up and shifted, so here the centre lies halfway between the box centre and the
 centre of mass.
 
+:func:`load_dataset` builds the training splits of any configured dataset: these
+synthetic digits, or a real one that src.datasets reads from local files.
+
     python -m src.data --num-samples 64 --seed 0 --out digits.png
 """
 
@@ -21,12 +24,29 @@ import math
 import operator
 import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from src.datasets import (
+    MNIST_FAMILY,
+    DatasetError,
+    image_folder,
+    read_cifar10,
+    read_mnist_family,
+    read_uci_digits,
+)
+from src.splits import (
+    DatasetSplits,
+    ImageTensorDataset,
+    build_splits,
+    dataset_targets,
+    split_indices,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,6 +58,7 @@ NUM_CLASSES = 10
 MIN_IMAGE_SIZE = 8
 MAX_IMAGE_SIZE = 256
 MAX_SEED = 2**63 - 1
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Font files under matplotlib's mpl-data/fonts/ttf. Files that fail to load or lack a
 # digit glyph are skipped, so the set can shrink with the matplotlib version.
@@ -303,6 +324,7 @@ def plot_digit_grid(
 ) -> Figure:
     """Draw the first rows * cols images in a grid, each titled with its target.
 
+    Accepts greyscale [N, 1, H, W] or [N, H, W] and colour [N, 3, H, W] images in [0, 1].
     Builds a matplotlib.figure.Figure directly, without pyplot, so it works under any backend
     and leaves no global figure state. Axes beyond the number of images stay blank.
     Returns the Figure, which has exactly rows * cols axes.
@@ -313,9 +335,12 @@ def plot_digit_grid(
     cols = _check_int("cols", cols, 1)
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
-    if images.ndim != 3:
+    elif images.ndim == 4 and images.shape[1] == 3:
+        images = images.permute(0, 2, 3, 1)  # [N, H, W, 3], as imshow takes colour images
+    elif images.ndim != 3:
         raise ValueError(
-            f"images must have shape [N, 1, H, W] or [N, H, W], got {list(images.shape)}"
+            "images must have shape [N, 1, H, W], [N, 3, H, W] or [N, H, W], "
+            f"got {list(images.shape)}"
         )
     if len(targets) != len(images):
         raise ValueError(
@@ -330,40 +355,109 @@ def plot_digit_grid(
     for index, ax in enumerate(axes.flat):
         ax.set_axis_off()
         if index < len(images):
-            ax.imshow(images[index].detach().cpu().numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+            pixels = images[index].detach().cpu().clamp(0.0, 1.0).numpy()
+            ax.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
             ax.set_title(str(int(targets[index])), fontsize=9)
     if title:
         figure.suptitle(title)
     return figure
 
 
-@dataclass
-class DatasetSplits:
-    """Whole train and test splits as tensors on the training device, batched by index."""
+def resolve_root(path: str) -> Path:
+    """Return `path` as an absolute folder: ``~`` expanded, relative paths from the project root."""
+    folder = Path(path).expanduser()
+    return folder if folder.is_absolute() else PROJECT_ROOT / folder
 
-    train_inputs: torch.Tensor  # [N, C, H, W] float32
-    train_targets: torch.Tensor  # [N] int64 class labels
-    test_inputs: torch.Tensor
-    test_targets: torch.Tensor
-    input_shape: tuple[int, int, int]  # (C, H, W), what the model is built for
-    num_classes: int
+
+def read_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
+    """Generate or read the dataset that ``dataset_cfg.name`` names.
+
+    Returns (train, test, num_classes); both splits are map-style datasets of
+    (image float32 [C, H, W] in [0, 1], class index). Raises DatasetError for
+    missing or corrupt files and ValueError for an unknown name.
+    """
+    name = dataset_cfg.name
+    if name == "digits":
+        size = dataset_cfg.image_size
+        train = make_digits(dataset_cfg.train_size, dataset_cfg.train_seed, size)
+        test = make_digits(dataset_cfg.test_size, dataset_cfg.test_seed, size)
+        return ImageTensorDataset(*train), ImageTensorDataset(*test), NUM_CLASSES
+
+    if name == "uci_digits":
+        images, targets = read_uci_digits(dataset_cfg.image_size)
+        train_indices, test_indices = split_indices(
+            targets, dataset_cfg.test_fraction, dataset_cfg.split_seed
+        )
+        train = ImageTensorDataset(images[train_indices], targets[train_indices])
+        test = ImageTensorDataset(images[test_indices], targets[test_indices])
+        return train, test, NUM_CLASSES
+
+    if name in MNIST_FAMILY or name == "cifar10":
+        root = resolve_root(dataset_cfg.root)
+        log.info("Reading %s from %s", name, root)
+        if name == "cifar10":
+            train = read_cifar10(root, train=True, download=dataset_cfg.download)
+            test = read_cifar10(root, train=False)
+        else:
+            train = read_mnist_family(root, name, train=True, download=dataset_cfg.download)
+            test = read_mnist_family(root, name, train=False)
+        return ImageTensorDataset(*train), ImageTensorDataset(*test), NUM_CLASSES
+
+    if name == "image_folder":
+        return _read_image_folder(dataset_cfg)
+
+    raise ValueError(
+        f"Unknown dataset {name!r}: expected one of digits, uci_digits, "
+        f"{', '.join(MNIST_FAMILY)}, cifar10, image_folder."
+    )
+
+
+def _read_image_folder(dataset_cfg) -> tuple[Dataset, Dataset, int]:
+    """Index ``dataset.root`` and take the test split from ``dataset.test_root`` or a share."""
+    size, channels = dataset_cfg.image_size, dataset_cfg.channels
+    root = resolve_root(dataset_cfg.root)
+    train = image_folder(root, size, channels)
+    log.info("Found %d images of %d classes in %s", len(train), len(train.classes), root)
+    if dataset_cfg.test_root is None:
+        train_indices, test_indices = split_indices(
+            dataset_targets(train), dataset_cfg.test_fraction, dataset_cfg.split_seed
+        )
+        classes = len(train.classes)
+        return Subset(train, train_indices.tolist()), Subset(train, test_indices.tolist()), classes
+
+    test_root = resolve_root(dataset_cfg.test_root)
+    test = image_folder(test_root, size, channels, config_key="dataset.test_root")
+    if test.classes != train.classes:
+        raise DatasetError(
+            f"The classes in {test_root} (dataset.test_root) differ from those in {root} "
+            f"(dataset.root): {test.classes} against {train.classes}. "
+            "Both folders need one subfolder for each class, with the same names."
+        )
+    return train, test, len(train.classes)
 
 
 def load_dataset(dataset_cfg, device: torch.device) -> DatasetSplits:
-    """Build the splits that `dataset_cfg` describes, on `device`."""
-    if dataset_cfg.name != "digits":
-        raise ValueError(f"Unknown dataset {dataset_cfg.name!r}: expected 'digits'.")
-    size = dataset_cfg.image_size
-    train_inputs, train_targets = make_digits(dataset_cfg.train_size, dataset_cfg.train_seed, size)
-    test_inputs, test_targets = make_digits(dataset_cfg.test_size, dataset_cfg.test_seed, size)
-    return DatasetSplits(
-        train_inputs.to(device),
-        train_targets.to(device),
-        test_inputs.to(device),
-        test_targets.to(device),
-        input_shape=(1, size, size),
-        num_classes=NUM_CLASSES,
-    )
+    """Read the dataset that `dataset_cfg` describes and place its splits for training.
+
+    Splits that fit ``dataset.memory_budget_mb`` become tensors on `device`; larger
+    ones stream through a DataLoader (see src.splits).
+    """
+    train, test, num_classes = read_dataset(dataset_cfg)
+    return build_splits(train, test, num_classes, dataset_cfg, device)
+
+
+def input_shape_of(dataset_cfg) -> tuple[int, int, int]:
+    """Return the (C, H, W) of the images that `dataset_cfg` gives, without reading them."""
+    name = dataset_cfg.name
+    if name in ("digits", "uci_digits"):
+        return (1, dataset_cfg.image_size, dataset_cfg.image_size)
+    if name in MNIST_FAMILY:
+        return (1, 28, 28)
+    if name == "cifar10":
+        return (3, 32, 32)
+    if name == "image_folder":
+        return (dataset_cfg.channels, dataset_cfg.image_size, dataset_cfg.image_size)
+    raise ValueError(f"Unknown dataset {name!r}.")
 
 
 def main(argv: list[str] | None = None) -> None:

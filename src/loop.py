@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from src.activations import ActivationMonitor
 from src.gradients import EpochRecord, GradientMonitor, Metric
 from src.health import Thresholds, Verdict, epoch_profile, judge, profile_columns
+from src.splits import EVAL_BATCH_SIZE, DatasetSplits, Split
 from src.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -46,19 +48,89 @@ class History:
         return {key: values[-1] for key, (_, values) in self.metrics.items()}
 
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs [B, C, H, W], targets [B])
+
+
+def tensor_batches(split: Split, batch_size: int, shuffle: torch.Generator | None) -> Batches:
+    """Yield mini-batches of a split held as device tensors, indexed by a random permutation.
+
+    Draws one ``torch.randperm`` from `shuffle` per call; None keeps the split's order.
+    """
+    num_samples = len(split.inputs)
+    if shuffle is None:
+        for start in range(0, num_samples, batch_size):
+            yield (
+                split.inputs[start : start + batch_size],
+                split.targets[start : start + batch_size],
+            )
+        return
+    perm = torch.randperm(num_samples, generator=shuffle).to(split.inputs.device)
+    for start in range(0, num_samples, batch_size):
+        idx = perm[start : start + batch_size]
+        yield split.inputs[idx], split.targets[idx]
+
+
+def loader_batches(loader: Iterable, device: torch.device) -> Batches:
+    """Yield a DataLoader's mini-batches, copied to `device` (asynchronously from pinned memory)."""
+    for inputs, targets in loader:
+        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int = 1000):
-    """Return ``(mean loss, accuracy)`` of `model` on a whole split, as device tensors."""
+def evaluate(model: nn.Module, batches: Batches, device: torch.device):
+    """Return ``(mean loss, accuracy)`` of `model` over all `batches`, as device tensors."""
     model.eval()
-    loss_sum = torch.zeros((), device=inputs.device)
-    correct = torch.zeros((), device=inputs.device, dtype=torch.long)
-    for start in range(0, len(inputs), batch_size):
-        logits = model(inputs[start : start + batch_size])
-        batch_targets = targets[start : start + batch_size]
-        loss_sum += F.cross_entropy(logits, batch_targets, reduction="sum")
-        correct += (logits.argmax(dim=1) == batch_targets).sum()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    for inputs, targets in batches:
+        logits = model(inputs)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(dim=1) == targets).sum()
+        count += len(targets)
     model.train()
-    return loss_sum / len(inputs), correct / len(inputs)
+    return loss_sum / count, correct / count
+
+
+def batch_sources(
+    data: DatasetSplits, batch_size: int, shuffle: torch.Generator, seed: int, device: torch.device
+) -> dict[str, Callable[[], Batches]]:
+    """Return, for ``train``, ``val`` and ``test``, a function that yields one pass's batches.
+
+    The tensor path indexes device tensors; the streamed path iterates DataLoaders,
+    built once here so that their worker processes last the whole run.
+    """
+    if not data.streamed:
+        return {
+            "train": lambda: tensor_batches(data.train, batch_size, shuffle),
+            "val": lambda: tensor_batches(data.val, EVAL_BATCH_SIZE, None),
+            "test": lambda: tensor_batches(data.test, EVAL_BATCH_SIZE, None),
+        }
+    loaders = {
+        "train": data.train_loader(batch_size, shuffle, seed),
+        "test": data.eval_loader(data.test, seed),
+    }
+    loaders["val"] = loaders["test"] if data.val is data.test else data.eval_loader(data.val, seed)
+    return {name: _loader_source(loader, device) for name, loader in loaders.items()}
+
+
+def _loader_source(loader: Iterable, device: torch.device) -> Callable[[], Iterator]:
+    return lambda: loader_batches(loader, device)
+
+
+def check_last_batch(model: nn.Module, num_train: int, batch_size: int) -> None:
+    """Raise ValueError when batch norm would meet a last mini-batch of a single image.
+
+    The loop keeps the last partial batch, and batch norm cannot normalise one sample
+    in training mode.
+    """
+    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batch_norm and batch_size > 1 and num_train % batch_size == 1:
+        raise ValueError(
+            f"Invalid config value trainer.batch_size={batch_size}: the {num_train} training "
+            "images leave a last mini-batch of one image, which batch norm cannot normalise. "
+            "Choose another batch size or dataset.val_fraction."
+        )
 
 
 def health_metrics(verdict: Verdict, layers: list[str], epoch: int, now_ms: int) -> list[Metric]:
@@ -89,7 +161,7 @@ def check_finite(record: EpochRecord, names: list[str]) -> None:
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data,
+    data: DatasetSplits,
     monitor: GradientMonitor,
     tracker: Tracker,
     trainer_cfg,
@@ -97,25 +169,29 @@ def fit(
     thresholds: Thresholds,
     activation_monitor: ActivationMonitor | None = None,
 ) -> History:
-    """Run the training loop and return what it recorded; raise Divergence on NaN/Inf."""
-    train_x, train_y = data.train_inputs, data.train_targets
-    num_train = len(train_x)
+    """Run the training loop and return what it recorded; raise Divergence on NaN/Inf.
+
+    Both data paths (device tensors, or a DataLoader) give the same iterations, the
+    same monitoring and the same metrics: per iteration ``train/loss`` and the
+    gradient statistics, per epoch the accuracies, ``val/*``, ``test/*`` and health.
+    """
+    num_train = len(data.train)
     batch_size = trainer_cfg.batch_size
     iters_per_epoch = math.ceil(num_train / batch_size)
+    check_last_batch(model, num_train, batch_size)
+    device = next(model.parameters()).device
     shuffle = torch.Generator().manual_seed(seed)  # own stream: reshuffles leave the global RNG
+    batches = batch_sources(data, batch_size, shuffle, seed, device)
     history = History()
     global_step = 0
     columns, source = profile_columns(monitor.names, monitor.layers)
 
     for epoch in range(1, trainer_cfg.epochs + 1):
         t0 = time.perf_counter()
-        perm = torch.randperm(num_train, generator=shuffle).to(train_x.device)
-        loss_sum = torch.zeros((), device=train_x.device)
-        correct = torch.zeros((), device=train_x.device, dtype=torch.long)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
 
-        for i in range(iters_per_epoch):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            inputs, targets = train_x[idx], train_y[idx]  # [B, C, H, W], [B]
+        for i, (inputs, targets) in enumerate(batches["train"]()):  # [B, C, H, W], [B]
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
 
@@ -125,36 +201,44 @@ def fit(
             monitor.record(loss, global_step, epoch, last_in_epoch=i == iters_per_epoch - 1)
             optimizer.step()
 
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(targets)
             correct += (logits.argmax(dim=1) == targets).sum()
 
         # Once an epoch: the recorded values go to the host, then to MLflow in batches.
         record = monitor.drain(epoch)
         metrics = record.metrics
-        profile = epoch_profile(record, columns, source)
-        verdict = judge(monitor.layers, profile, thresholds)
-        history.verdicts.append(verdict)
+        verdict = None  # an epoch without recorded statistics (monitor.stats_every) has none
+        if record.stat_steps:
+            verdict = judge(monitor.layers, epoch_profile(record, columns, source), thresholds)
+            history.verdicts.append(verdict)
 
-        test_loss, test_acc = evaluate(model, data.test_inputs, data.test_targets)
+        test_loss, test_acc = evaluate(model, batches["test"](), device)
+        val_loss, val_acc = test_loss, test_acc  # the test split also validates without a share
+        if data.val is not data.test:
+            val_loss, val_acc = evaluate(model, batches["val"](), device)
         train_loss, train_acc = loss_sum.item() / num_train, correct.item() / num_train
         seconds = time.perf_counter() - t0
         now_ms = int(time.time() * 1000)
         metrics += [
             Metric("train/accuracy", train_acc, epoch, now_ms),
+            Metric("val/loss", val_loss.item(), epoch, now_ms),
+            Metric("val/accuracy", val_acc.item(), epoch, now_ms),
             Metric("test/loss", test_loss.item(), epoch, now_ms),
             Metric("test/accuracy", test_acc.item(), epoch, now_ms),
             Metric("time/epoch_seconds", seconds, epoch, now_ms),
         ]
-        metrics += health_metrics(verdict, monitor.layers, epoch, now_ms)
+        if verdict is not None:
+            metrics += health_metrics(verdict, monitor.layers, epoch, now_ms)
         if activation_monitor is not None:
             metrics += activation_monitor.drain(epoch)
         tracker.log_metrics(metrics)
         history.add(metrics)
 
         log.info(
-            "epoch %3d/%d | loss %.4f | acc %.4f | test loss %.4f | test acc %.4f | %s | %.2f s",
-            epoch, trainer_cfg.epochs, train_loss, train_acc,
-            test_loss.item(), test_acc.item(), verdict.network, seconds,
+            "epoch %3d/%d | loss %.4f | acc %.4f | val loss %.4f | val acc %.4f "
+            "| test acc %.4f | %s | %.2f s",
+            epoch, trainer_cfg.epochs, train_loss, train_acc, val_loss.item(), val_acc.item(),
+            test_acc.item(), verdict.network if verdict else "no statistics", seconds,
         )  # fmt: skip
         check_finite(record, monitor.names)
     return history

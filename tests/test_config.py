@@ -43,7 +43,8 @@ def test_every_group_option_composes(group, option):
     validate(cfg)
     model = build_model(cfg.model, cfg.activation, (1, 28, 28), 10)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    assert len(weight_layers(model)) == len(cfg.model.hidden_sizes) + 1
+    expected = len(cfg.model.hidden_sizes) + 1 + len(cfg.model.get("channels", []))
+    assert len(weight_layers(model)) == expected
     assert optimizer.defaults["lr"] == cfg.optimizer.lr
 
 
@@ -75,6 +76,10 @@ def test_deep_variant_from_hidden_sizes():
         ("model.hidden_sizes=[64,0]", "model.hidden_sizes"),
         ("activation.name=softsign2", "activation.name"),
         ("trainer.device=tpu", "trainer.device"),
+        ("trainer.num_threads=999", "trainer.num_threads"),
+        ("seed=-1", "seed"),
+        ("monitor.hist_every=51", "monitor.hist_every"),
+        ("monitor.tiny=inf", "monitor.tiny"),
     ],
 )
 def test_validate_rejects_out_of_range(override, key):

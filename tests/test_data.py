@@ -1,6 +1,7 @@
 """Test src.data: contract, determinism, variety, learnability and plotting of the digits."""
 
 import hashlib
+import math
 import pathlib
 import random
 import subprocess
@@ -290,3 +291,154 @@ def test_data_command_rejects_bad_num_samples(tmp_path):
     assert result.returncode == 2
     assert "num_samples" in result.stderr
     assert not out.exists()
+
+
+# splits: validation share, loader choice and the two data paths
+
+
+def test_epoch_batches_match_randperm():
+    from src.splits import EpochBatches
+
+    sampler = EpochBatches(10, 4, torch.Generator().manual_seed(3))
+    reference = torch.Generator().manual_seed(3)
+    assert len(sampler) == 3
+    for _ in range(2):  # each epoch draws exactly one permutation, as the tensor path does
+        perm = torch.randperm(10, generator=reference).tolist()
+        assert list(sampler) == [perm[0:4], perm[4:8], perm[8:10]]
+
+
+def test_split_indices_stratified_and_disjoint():
+    from src.splits import split_indices
+
+    targets = torch.arange(100) % 10
+    train_indices, held_out = split_indices(targets, 0.2, seed=0)
+    assert len(held_out) == 20
+    assert torch.bincount(targets[held_out], minlength=10).tolist() == [2] * 10
+    assert sorted(torch.cat([train_indices, held_out]).tolist()) == list(range(100))
+    again, _ = split_indices(targets, 0.2, seed=0)
+    other, _ = split_indices(targets, 0.2, seed=1)
+    assert torch.equal(train_indices, again)
+    assert not torch.equal(train_indices, other)
+
+
+def test_split_indices_too_small_to_stratify():
+    from src.splits import split_indices
+
+    targets = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2])  # class 1 has one image
+    train_indices, held_out = split_indices(targets, 0.25, seed=0)
+    assert len(held_out) == 2
+    assert sorted(torch.cat([train_indices, held_out]).tolist()) == list(range(8))
+
+
+def test_choose_loader_by_memory_budget():
+    from src.splits import choose_loader, estimate_megabytes
+
+    assert estimate_megabytes(1000, (1, 28, 28)) == pytest.approx(1000 * 784 * 4 / 2**20)
+    assert choose_loader("auto", 1000, (1, 28, 28), memory_budget_mb=2.0) == "dataloader"
+    assert choose_loader("auto", 1000, (1, 28, 28), memory_budget_mb=4.0) == "tensor"
+    assert choose_loader("tensor", 1000, (1, 28, 28), memory_budget_mb=0.1) == "tensor"
+    assert choose_loader("dataloader", 10, (1, 28, 28), memory_budget_mb=1e6) == "dataloader"
+
+
+def small_digits_cfg(*overrides: str):
+    from tests.conftest import compose_config
+
+    return compose_config(["dataset.train_size=100", "dataset.test_size=30", *overrides]).dataset
+
+
+def test_default_digits_validate_on_test_split():
+    from src.data import load_dataset
+
+    data = load_dataset(small_digits_cfg(), torch.device("cpu"))
+    assert data.val is data.test
+    assert not data.streamed
+    assert data.mean == (0.0,)
+    assert data.std == (1.0,)
+
+
+def test_auto_loader_streams_over_budget():
+    from src.data import load_dataset
+
+    # 130 images of 1x28x28 are about 0.39 MiB as float32.
+    data = load_dataset(small_digits_cfg("dataset.memory_budget_mb=0.1"), torch.device("cpu"))
+    assert data.streamed
+    with pytest.raises(AttributeError, match="preview"):
+        _ = data.train_inputs
+    preview = data.preview()
+    assert preview.train_inputs.shape == (64, 1, 28, 28)
+    assert preview.test_inputs.shape == (30, 1, 28, 28)
+
+
+def test_both_paths_give_same_batches():
+    from src.data import load_dataset
+    from src.loop import batch_sources
+
+    cpu = torch.device("cpu")
+    tensors = load_dataset(small_digits_cfg("dataset.val_fraction=0.2"), cpu)
+    streamed = load_dataset(
+        small_digits_cfg("dataset.val_fraction=0.2", "dataset.loader=dataloader",
+                         "dataset.num_workers=0"), cpu,
+    )  # fmt: skip
+    sources = [
+        batch_sources(data, 32, torch.Generator().manual_seed(5), 5, cpu)
+        for data in (tensors, streamed)
+    ]
+    for name in ("train", "val", "test"):
+        for _ in range(2):  # two epochs: the shuffles stay in step
+            pairs = list(zip(sources[0][name](), sources[1][name]()))
+            assert len(pairs) == math.ceil(
+                len(getattr(tensors, name)) / (32 if name == "train" else 1000)
+            )
+            for (x_tensor, y_tensor), (x_stream, y_stream) in pairs:
+                assert torch.equal(x_tensor, x_stream), name
+                assert torch.equal(y_tensor, y_stream), name
+
+
+def run_metrics(cfg) -> dict[str, list[tuple[int, float]]]:
+    """Train `cfg` into its store and return every metric's (step, value) history."""
+    from mlflow.tracking import MlflowClient
+
+    from src.train import train
+
+    train(cfg)
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        for key in run.data.metrics
+    }
+
+
+def test_dataloader_path_logs_same_metrics(tmp_path):
+    from src.tracking import default_tracking_uri
+    from tests.conftest import TINY_OVERRIDES, compose_config
+
+    histories = {}
+    for loader in ("tensor", "dataloader"):
+        store = tmp_path / loader
+        store.mkdir()
+        cfg = compose_config([*TINY_OVERRIDES, f"dataset.loader={loader}", "dataset.num_workers=2",
+                              "dataset.val_fraction=0.1", "tracking.log_model=false",
+                              "monitor.epoch_images=false"])  # fmt: skip
+        cfg.tracking.uri = default_tracking_uri(store)
+        histories[loader] = run_metrics(cfg)
+    tensor, streamed = histories["tensor"], histories["dataloader"]
+    assert set(tensor) == set(streamed)
+    assert "grad_rms/fc1" in tensor
+    for key in tensor:
+        assert [step for step, _ in tensor[key]] == [step for step, _ in streamed[key]], key
+    # 270 training images in batches of 128: 3 iterations an epoch, 2 epochs.
+    assert [step for step, _ in tensor["train/loss"]] == list(range(1, 7))
+    # The same batches in the same order give the same losses on the CPU.
+    assert tensor["train/loss"] == streamed["train/loss"]
+    assert [step for step, _ in tensor["val/loss"]] == [1, 2]
+    assert [step for step, _ in tensor["val/accuracy"]] == [1, 2]
+    assert tensor["val/loss"] != tensor["test/loss"]
+
+
+def test_plot_digit_grid_colour_images():
+    images = torch.rand(4, 3, 8, 8)
+    figure = plot_digit_grid(images, torch.arange(4), rows=1, cols=4)
+    pixels = figure.axes[0].images[0].get_array()
+    assert pixels.shape == (8, 8, 3)
