@@ -1,27 +1,42 @@
 """The sweep as one thing in MLflow: a parent run around a Hydra multirun.
 
-:class:`SweepRunCallback` opens the parent run when a multirun starts and writes
-its id to ``<sweep dir>/parent_run.json``. Each job reads that file through the
-sweep folder that Hydra passes to it, so the link works with any launcher whose
-jobs see the sweep folder (the basic and joblib launchers, and submitit, which
-needs a shared folder anyway). At the end it finishes the parent run: FINISHED
-when every child finished, FAILED otherwise.
+:class:`SweepRunCallback` checks the launcher's parallelism and the tracking
+server, then opens the parent run when a multirun starts. It hands the parent's
+id to the jobs in two ways. It appends a Hydra override that sets
+``hydra.job.env_set.SWEEP_PARENT_RUN``: every Hydra launcher (basic, joblib,
+submitit local and SLURM) composes each job's config from the sweep's Hydra
+overrides, so jobs on other machines get the id with their config, without a
+shared folder. It also writes ``<sweep dir>/parent_run.json``, which jobs read
+when their config carries no id. At the end it logs the comparison and finishes
+the parent run FINISHED, with the number of failed jobs in the tag
+``sweep.failed_jobs`` (FAILED if the comparison itself fails). A sweep stopped
+by Ctrl-C or SIGTERM ends its parent KILLED at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
+
+from src.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 PARENT_FILE = "parent_run.json"
+PARENT_ENV = "SWEEP_PARENT_RUN"  # key under hydra.job.env_set that carries the parent record
 FAILURES_DIR = "failed_jobs"  # one JSON file per failed job, read at the sweep's end
+
+# The launchers' classes, as hydra.launcher._target_ names them.
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+SUBMITIT_LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
+SUBMITIT_SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
 
 def sweep_dir(hydra_cfg: DictConfig) -> Path:
@@ -39,24 +54,135 @@ def sweep_keys(overrides: list[str]) -> list[str]:
 
 
 def read_parent_run(hydra_cfg: DictConfig, tracking_uri: str) -> dict | None:
-    """Return the sweep's parent run record (``run_id``, ``sweep_keys``) for this job, if any."""
-    path = sweep_dir(hydra_cfg) / PARENT_FILE
-    if not path.is_file():
-        return None
-    parent = json.loads(path.read_text())
-    if parent["tracking_uri"] != tracking_uri:
+    """Return the sweep's parent run record (``run_id``, ``sweep_keys``) for this job, if any.
+
+    The record comes from the job's own Hydra config (``hydra.job.env_set``), else from
+    ``parent_run.json`` in the sweep folder. A parent in another store is not linked.
+    """
+    from src.tracking import redact_uri
+
+    text = hydra_cfg.job.env_set.get(PARENT_ENV)
+    if text is None:
+        path = sweep_dir(hydra_cfg) / PARENT_FILE
+        if not path.is_file():
+            return None
+        text = path.read_text()
+    parent = json.loads(text)
+    parent_uri = redact_uri(parent["tracking_uri"])
+    if parent_uri != redact_uri(tracking_uri):
         log.warning(
             "Not linking to parent run %s: it is in %s, this job logs to %s",
             parent["run_id"],
-            parent["tracking_uri"],
-            tracking_uri,
+            parent_uri,
+            redact_uri(tracking_uri),
         )
         return None
     return parent
 
 
+def pass_parent_run(config: DictConfig, record: dict) -> None:
+    """Append a Hydra override that puts `record` into every job's ``hydra.job.env_set``.
+
+    Launchers compose each job from the sweep's Hydra overrides plus the job's own
+    (``ConfigLoader.load_sweep_config``), so the record travels with the job's config
+    to worker processes and cluster nodes. The JSON text is quoted for Hydra's
+    override grammar. Its ``'`` and ``$`` become JSON escapes, so that Hydra neither
+    ends the quoted string early nor reads ``${...}`` as an interpolation.
+    """
+    text = json.dumps(record).replace("'", "\\u0027").replace("$", "\\u0024")
+    with read_write(config.hydra.overrides):
+        config.hydra.overrides.hydra.append(f"++hydra.job.env_set.{PARENT_ENV}='{text}'")
+
+
+def swept_values(task_overrides: list[str], key: str) -> list[str] | None:
+    """Return the values that the sweep gives `key`, or None where `key` is not swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        if override.get_key_element() == key and override.is_sweep_override():
+            return list(override.sweep_string_iterator())
+    return None
+
+
+def count_jobs(task_overrides: list[str]) -> int | None:
+    """Return how many jobs the basic sweeper makes of `task_overrides`, or None if unknown.
+
+    Only choice and range sweeps can be counted without the config repository.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    jobs = 1
+    for override in OverridesParser.create().parse_overrides(task_overrides):
+        if override.is_sweep_override():
+            try:
+                jobs *= len(list(override.sweep_string_iterator()))
+            except HydraException:
+                return None
+    return jobs
+
+
+def check_parallelism(config: DictConfig, cores: int | None = None) -> None:
+    """Raise ConfigError when a sweep's jobs at once, times their threads, exceed the cores.
+
+    More threads than cores make the jobs compete for the cores and slow each other
+    down, so this runs before any job starts. joblib runs ``hydra.launcher.n_jobs``
+    jobs at once (-1: one per core, -2: all but one, as joblib counts). Submitit's
+    local mode starts every job of a batch at once (``hydra.sweeper.max_batch_size``,
+    default all). On SLURM each job must get at least ``trainer.num_threads`` CPUs.
+    `cores` defaults to the cores that this process may use (CPU affinity and cgroup
+    quota, as joblib counts them).
+    """
+    from joblib import cpu_count
+
+    cores = cores or cpu_count()
+    launcher = config.hydra.launcher
+    target = launcher.get("_target_", "")
+    task_overrides = list(config.hydra.overrides.task)
+    swept = swept_values(task_overrides, "trainer.num_threads")
+    threads = max(int(v) for v in swept) if swept else int(config.trainer.num_threads)
+    threads_key = f"trainer.num_threads={threads}" + (" (the largest swept value)" if swept else "")
+
+    if target == JOBLIB_LAUNCHER:
+        n_jobs = int(launcher.n_jobs)
+        workers = n_jobs if n_jobs > 0 else cores + 1 + n_jobs
+        if n_jobs == 0 or workers < 1:
+            raise ConfigError(
+                f"Invalid config value hydra.launcher.n_jobs={n_jobs}: expected a number of "
+                f"parallel jobs >= 1, or -1 for one per core ({cores} here)."
+            )
+        if workers * threads > cores:
+            raise ConfigError(
+                f"Invalid config: hydra.launcher.n_jobs={n_jobs} runs {workers} jobs at once, "
+                f"and {workers} x {threads_key} = {workers * threads} threads is more than the "
+                f"{cores} cores here. Lower hydra.launcher.n_jobs or trainer.num_threads so "
+                f"that their product is at most {cores}."
+            )
+    elif target == SUBMITIT_LOCAL_LAUNCHER:
+        jobs = count_jobs(task_overrides)
+        if jobs is None:
+            log.warning("Cannot count the jobs of this sweep, so threads are not checked")
+            return
+        batch = config.hydra.sweeper.get("max_batch_size")
+        at_once = min(jobs, batch) if batch else jobs
+        if at_once * threads > cores:
+            raise ConfigError(
+                f"Invalid config: submitit's local mode starts {at_once} jobs at once, and "
+                f"{at_once} x {threads_key} = {at_once * threads} threads is more than the "
+                f"{cores} cores here. Set hydra.sweeper.max_batch_size={max(cores // threads, 1)} "
+                "or lower trainer.num_threads."
+            )
+    elif target == SUBMITIT_SLURM_LAUNCHER:
+        cpus = launcher.get("cpus_per_task")
+        if cpus is not None and cpus < threads:
+            raise ConfigError(
+                f"Invalid config: hydra.launcher.cpus_per_task={cpus} is less than "
+                f"{threads_key}. Raise hydra.launcher.cpus_per_task or lower trainer.num_threads."
+            )
+
+
 # Overrides that do not change the variant, left out of run names.
-UNNAMED_KEYS = ("tracking.", "trainer.device", "trainer.num_threads")
+UNNAMED_KEYS = ("tracking", "trainer.device", "trainer.num_threads")
 
 
 def job_run_name(task_overrides: list[str], keys: list[str] | None) -> str:
@@ -89,6 +215,10 @@ def read_job_failures(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in paths]
 
 
+def _raise_interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+
+
 class SweepRunCallback(Callback):
     """Open an MLflow parent run for a multirun and finish it when the sweep ends."""
 
@@ -97,18 +227,34 @@ class SweepRunCallback(Callback):
         self.tracking_uri: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Check the launcher and the store, open the parent run and pass its id to the jobs.
+
+        A bad launcher or tracking setting ends the sweep before its first job, with
+        exit status 1: Hydra turns a callback's exceptions into warnings and goes on,
+        but lets SystemExit through.
+        """
         from mlflow.tracking import MlflowClient
 
-        from src.tracking import get_or_create_experiment, resolve_tracking_uri
+        from src.tracking import (
+            TrackingServerError,
+            connect_tracking,
+            get_or_create_experiment,
+            redact_credentials,
+        )
 
+        try:
+            check_parallelism(config)
+            self.tracking_uri = connect_tracking(config.tracking)
+        except (ConfigError, TrackingServerError) as err:
+            log.error("Sweep not started: %s", err)
+            raise SystemExit(1) from err
         hydra_cfg = config.hydra
         folder = sweep_dir(hydra_cfg)
-        self.tracking_uri = resolve_tracking_uri(config.tracking.uri)
         client = MlflowClient(self.tracking_uri)
         experiment_id = get_or_create_experiment(
             client, config.tracking.experiment_name, self.tracking_uri
         )
-        overrides = " ".join(hydra_cfg.overrides.task)
+        overrides = redact_credentials(" ".join(hydra_cfg.overrides.task))
         run = client.create_run(
             experiment_id,
             run_name=f"sweep {overrides}".strip(),
@@ -118,11 +264,24 @@ class SweepRunCallback(Callback):
         folder.mkdir(parents=True, exist_ok=True)
         record = {
             "run_id": self.run_id,
-            "tracking_uri": self.tracking_uri,
-            "sweep_keys": sweep_keys(list(hydra_cfg.overrides.task)),
+            "tracking_uri": redact_credentials(self.tracking_uri),
+            "sweep_keys": sweep_keys(list(hydra_cfg.overrides.task))
+            + [str(key) for key in (hydra_cfg.sweeper.get("params") or {})],
         }
         (folder / PARENT_FILE).write_text(json.dumps(record))
-        log.info("Sweep parent run %s in %s", self.run_id, self.tracking_uri)
+        pass_parent_run(config, record)
+        log.info("Sweep parent run %s in %s", self.run_id, record["tracking_uri"])
+
+        # An interrupted sweep never reaches on_multirun_end: end the parent KILLED
+        # at exit instead, and turn a scheduler's SIGTERM into that same exit path.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        atexit.register(self._end_if_running, client, self.run_id)
+
+    @staticmethod
+    def _end_if_running(client, run_id: str) -> None:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            log.warning("Sweep interrupted: parent run %s ended KILLED", run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Log the comparison of the sweep's runs to the parent run, then finish it.

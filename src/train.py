@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,20 @@ from src import reports
 from src.activations import ActivationMonitor
 from src.config import ConfigError, register_schemas, validate
 from src.data import load_dataset
+from src.datasets import DatasetError
 from src.gradients import GradientMonitor, Metric
 from src.health import Thresholds, judge_run
 from src.loop import Divergence, fit
 from src.models import build_model, weight_layers
 from src.sweep import job_run_name, read_parent_run, record_job_failure
-from src.tracking import Tracker, flatten_params, resolve_tracking_uri, start_run
+from src.tracking import (
+    Tracker,
+    connect_tracking,
+    flatten_params,
+    resolve_tracking_uri,
+    run_environment_tags,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 register_schemas()
@@ -60,23 +69,25 @@ def resolve_device(name: str) -> torch.device:
 def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
     """Train the configured variant, log everything to MLflow, and return the final metrics."""
     validate(cfg)
+    tracking_uri = connect_tracking(cfg.tracking)  # a wrong server fails here, in seconds
     job = job or JobInfo()
     device = resolve_device(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
 
-    # Data: whole splits as tensors on the device, batched by index.
+    # Data: device tensors batched by index, or a DataLoader when too large for that.
     data = load_dataset(cfg.dataset, device)
 
     # Model, optimizer and the monitors.
-    model = build_model(cfg.model, cfg.activation, data.input_shape, data.num_classes).to(device)
+    model = build_model(
+        cfg.model, cfg.activation, data.input_shape, data.num_classes, data.mean, data.std
+    ).to(device)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    iters_per_epoch = math.ceil(len(data.train_inputs) / cfg.trainer.batch_size)
+    iters_per_epoch = math.ceil(len(data.train) / cfg.trainer.batch_size)
     monitor = build_monitor(model, cfg.monitor, iters_per_epoch)
     thresholds = Thresholds(**cfg.health)
 
-    tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
-    tags = {"activation": cfg.activation.name, "device": str(device)}
+    tags = {"activation": cfg.activation.name, **run_environment_tags(device, cfg.seed)}
     with start_run(
         tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id
     ) as tracker:
@@ -85,7 +96,7 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             # Config and inputs first, so that a failed run still shows what it ran.
             tracker.log_params(flatten_params(cfg))
             log_config(tracker, cfg, job)
-            reports.log_dataset_samples(tracker, data)
+            reports.log_dataset_samples(tracker, data.preview())
 
             log.info(
                 "Training %s on %s: %d epochs of %d iterations",
@@ -114,7 +125,7 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             if cfg.monitor.epoch_images:
                 reports.log_epoch_images(tracker, monitor.histograms, job.run_name)
             if cfg.tracking.log_model:
-                reports.log_model(model, data)
+                reports.log_model(model, data.preview())
         except Divergence as err:
             reports.log_divergence(tracker, err)
             log.error("Run %s diverged: %s", job.run_name, err.reason)
@@ -179,8 +190,14 @@ def log_job_log(tracker: Tracker, job: JobInfo) -> None:
         tracker.log_file(path, "logs")
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # A scheduler stops jobs with SIGTERM: treat it as Ctrl-C, so the run ends KILLED.
+    signal.signal(signal.SIGTERM, _interrupt)
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -199,7 +216,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, job)["test/accuracy"]
     except Exception as err:
-        if isinstance(err, ConfigError):
+        if isinstance(err, (ConfigError, DatasetError)):  # the message says it all
             log.error("Job %s failed: %s", job.run_name, err)
         elif not isinstance(err, Divergence):  # train() has logged a divergence already
             log.exception("Job %s failed", job.run_name)

@@ -50,4 +50,5 @@ def test_benchmark_sweep_table(tmp_path):
     assert "peak memory, relu job" in data["rows"]
     assert data["rows"]["peak memory, relu job"]["note"].endswith("GiB")
     assert data["ratios"]["four-job sweep, 2 workers / 1 worker"] > 0
-    assert "reference sweep / (1.3 x bare of both + start-up)" in stdout
+    assert "reference sweep relu,sigmoid, end to end" in data["rows"]
+    assert "interpreter start-up (import src.train)" in stdout

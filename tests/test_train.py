@@ -2,6 +2,7 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -101,6 +102,19 @@ def test_bias_stats_logged_on_request(tiny_cfg):
     (run,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(run.info.run_id, "grad_rms/fc1.bias")
     assert [m.step for m in history] == list(range(1, 7))
+
+
+def test_sparse_stats_keep_health_honest(tiny_cfg):
+    # Statistics every 4 iterations leave the 3-iteration epochs 1 without any.
+    tiny_cfg.monitor.stats_every = 4
+    tiny_cfg.tracking.log_model = False
+    train(tiny_cfg)
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(tiny_cfg.tracking.experiment_name)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["gradient_health"] != "exploding"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "health/rms/fc1")]
+    assert steps == [2]
 
 
 def test_bias_stats_not_logged_by_default(finished_run):
@@ -299,3 +313,26 @@ def test_log_histogram_mode_runs(tiny_cfg, tmp_path):
     assert str(hist["mode"]) == "log"
     assert hist["edges"].shape == (2, 4, 22)
     np.testing.assert_array_equal(hist["edges"][0, 0], hist["edges"][1, 3])
+
+
+def test_sigterm_marks_run_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    (tmp_path / "mlruns").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "src.train", *TINY_OVERRIDES, "trainer.epochs=50",
+         "dataset.train_size=3000", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/run"],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    for line in process.stdout:
+        if "epoch   2/50" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.stdout.read()
+    assert process.wait(timeout=120) != 0
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vanishing-gradients")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 2 * 24
