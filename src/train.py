@@ -111,10 +111,9 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             )  # fmt: skip
             # From the first iteration to the end of the last epoch's logging.
             fit_seconds = time.perf_counter() - fit_start
-            tracker.log_metrics(
-                [Metric("time/fit_seconds", fit_seconds, 0, int(time.time() * 1000))]
-            )
-            history.add([Metric("time/fit_seconds", fit_seconds, 0, 0)])
+            timing = [Metric("time/fit_seconds", fit_seconds, 0, int(time.time() * 1000))]
+            tracker.log_metrics(timing)
+            history.add(timing)
 
             # The verdict over the whole run, figures from the recorded data, the model.
             verdict = judge_run(monitor.layers, history.verdicts, thresholds)
