@@ -1,6 +1,6 @@
 """Measure what gradient monitoring costs, side by side in one run.
 
-    python benchmarks/monitoring.py                 # the full benchmark, about 15 minutes
+    python benchmarks/monitoring.py                 # the full benchmark, about 20 minutes
     python benchmarks/monitoring.py --tiny          # a smoke run on tiny settings
 
 Every measurement runs on the same machine in the same invocation, repeated
