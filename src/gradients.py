@@ -1,7 +1,7 @@
 """The gradient monitor: per-layer weight-gradient statistics and histograms.
 
-Everything is computed and kept on the training device. The host sees the
-values once an epoch, in :meth:`GradientMonitor.drain`, so recording every
+Everything is computed and kept on the training device. The host receives
+the values once an epoch, in :meth:`GradientMonitor.drain`, so recording every
 iteration costs no device synchronisation.
 """
 
@@ -21,7 +21,7 @@ def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tens
     """Count `values` into `bins` bins evenly spaced between their min and max.
 
     Returns ``(edges [bins + 1], counts [bins])``. Bins are half-open ``[e_i, e_i+1)``
-    except the last, which also holds the max, as in ``numpy.histogram``. When all
+    except the last, which also contains the max, as in ``numpy.histogram``. When all
     values are equal the range is widened by 0.5 on each side, also as numpy does.
     Runs on the device of `values` without a host synchronisation.
     """
@@ -56,7 +56,7 @@ class Metric:
 
 # Statistics of each gradient tensor, logged as ``grad_<stat>/<name>``.
 STATS = ("mean", "norm", "rms", "std", "max_abs", "tiny_frac", "nonfinite")
-# What the device computes per tensor; STATS are derived from these on the host.
+# Raw quantities computed on the device per tensor; STATS are derived from them on the host.
 _RAW = ("sum", "norm", "max_abs", "tiny_count", "nonfinite_count")
 
 
@@ -131,7 +131,7 @@ def derive_statistics(raw: np.ndarray, numel: np.ndarray) -> dict[str, np.ndarra
 
 @dataclass
 class EpochRecord:
-    """What one epoch recorded, on the host.
+    """The values one epoch recorded, on the host.
 
     ``stats[name]`` is ``[rows, T]``: one row per recorded iteration in ``stat_steps``
     and one column per tensor in ``GradientMonitor.names``.

@@ -26,7 +26,7 @@ def symmetric_log_edges(bins: int, lo: float, hi: float) -> np.ndarray:
 class HistogramHistory:
     """Per-epoch gradient histograms of every weight layer, as host arrays.
 
-    ``edges[e, l]`` holds the ``bins + 1`` bin edges and ``counts[e, l]`` the counts
+    ``edges[e, l]`` contains the ``bins + 1`` bin edges and ``counts[e, l]`` the counts
     of layer ``layers[l]`` at epoch ``epochs[e]`` (1-based).
     """
 

@@ -213,7 +213,7 @@ def connect_tracking(tracking_cfg: DictConfig) -> str:
 
     Call it before any work, so that a wrong or unreachable server ends the job within
     about ``tracking.health_check_timeout`` seconds instead of after MLflow's retries.
-    Raises ConfigError for a bad value, TrackingServerError for a server that does not answer.
+    Raises ConfigError for a bad value, TrackingServerError for a server that does not respond.
     """
     validate_tracking(tracking_cfg)
     install_log_redaction()

@@ -46,7 +46,7 @@ register_schemas()
 
 @dataclass
 class JobInfo:
-    """What the launcher knows about a job: its name, its overrides and its folder."""
+    """A job as the launcher describes it: its name, its overrides and its folder."""
 
     run_name: str = "defaults"
     overrides: list[str] = field(default_factory=list)
@@ -215,7 +215,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, job)["test/accuracy"]
     except Exception as err:
-        if isinstance(err, (ConfigError, DatasetError)):  # the message says it all
+        if isinstance(err, (ConfigError, DatasetError)):  # the message is complete
             log.error("Job %s failed: %s", job.run_name, err)
         elif not isinstance(err, Divergence):  # train() has logged a divergence already
             log.exception("Job %s failed", job.run_name)
