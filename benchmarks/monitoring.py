@@ -80,10 +80,9 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def bare_loop(cfg) -> float:
-    """Train as the pipeline does, recording nothing; return the loop's seconds."""
+def setup(cfg):
+    """Build the data, model, optimizer and shuffle generator exactly as the pipeline does."""
     import torch
-    import torch.nn.functional as F
     from hydra.utils import instantiate
 
     from src.data import load_dataset
@@ -92,18 +91,33 @@ def bare_loop(cfg) -> float:
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.dataset, torch.device("cpu"))
-    model = build_model(cfg.model, cfg.activation, data.input_shape, data.num_classes)
+    model = build_model(
+        cfg.model, cfg.activation, data.input_shape, data.num_classes, data.mean, data.std
+    )
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    batch_size = cfg.trainer.batch_size
-    num_train = len(data.train_inputs)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
+    return data, model, optimizer, torch.Generator().manual_seed(cfg.seed)
 
+
+def batches(data, batch_size: int, shuffle):
+    """Yield one epoch's ``(inputs, targets)`` mini-batches in a fresh random order."""
+    import torch
+
+    num_train = len(data.train_inputs)
+    perm = torch.randperm(num_train, generator=shuffle)
+    for i in range(math.ceil(num_train / batch_size)):
+        idx = perm[i * batch_size : (i + 1) * batch_size]
+        yield data.train_inputs[idx], data.train_targets[idx]
+
+
+def bare_loop(cfg) -> float:
+    """Train as the pipeline does, recording nothing; return the loop's seconds."""
+    import torch.nn.functional as F
+
+    data, model, optimizer, shuffle = setup(cfg)
     start = time.perf_counter()
     for _ in range(cfg.trainer.epochs):
-        perm = torch.randperm(num_train, generator=shuffle)
-        for i in range(math.ceil(num_train / batch_size)):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(data.train_inputs[idx]), data.train_targets[idx])
+        for inputs, targets in batches(data, cfg.trainer.batch_size, shuffle):
+            loss = F.cross_entropy(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -129,34 +143,22 @@ def by_hand(cfg, store: Path) -> float:
     import matplotlib.pyplot as plt
     import mlflow
     import numpy as np
-    import torch
     import torch.nn.functional as F
-    from hydra.utils import instantiate
 
-    from src.data import load_dataset
-    from src.models import build_model, weight_layers
+    from src.models import weight_layers
 
     store.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     mlflow.set_experiment("by-hand")
-    torch.set_num_threads(cfg.trainer.num_threads)
-    torch.manual_seed(cfg.seed)
-    data = load_dataset(cfg.dataset, torch.device("cpu"))
-    model = build_model(cfg.model, cfg.activation, data.input_shape, data.num_classes)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    data, model, optimizer, shuffle = setup(cfg)
     layers = weight_layers(model)
-    batch_size = cfg.trainer.batch_size
-    num_train = len(data.train_inputs)
-    shuffle = torch.Generator().manual_seed(cfg.seed)
 
     with mlflow.start_run():
         start = time.perf_counter()
         step = 0
         for epoch in range(1, cfg.trainer.epochs + 1):
-            perm = torch.randperm(num_train, generator=shuffle)
-            for i in range(math.ceil(num_train / batch_size)):
-                idx = perm[i * batch_size : (i + 1) * batch_size]
-                loss = F.cross_entropy(model(data.train_inputs[idx]), data.train_targets[idx])
+            for inputs, targets in batches(data, cfg.trainer.batch_size, shuffle):
+                loss = F.cross_entropy(model(inputs), targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 step += 1

@@ -39,9 +39,9 @@ class DatasetError(RuntimeError):
     """Dataset files that are missing, corrupt or inconsistent."""
 
 
-def _fetch_hint(what: str) -> str:
+def _fetch_hint(files: str) -> str:
     return (
-        f"To get {what}, run once with dataset.download=true on a machine with internet "
+        f"To get {files}, run once with dataset.download=true on a machine with internet "
         "access, or copy the files there from such a machine."
     )
 

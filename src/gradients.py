@@ -39,7 +39,8 @@ def count_into(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """Count `values` into the bins between `edges`, with numpy.histogram's edge rules.
 
     Values outside the edges are counted in the outer bins, so fixed edges never
-    lose a value. NaN values land in the last bin.
+    lose a value. NaN values land in the last bin, because ``torch.bucketize`` sorts NaN after
+    every edge.
     """
     bins = len(edges) - 1
     index = torch.bucketize(values.detach().reshape(-1), edges, right=True) - 1

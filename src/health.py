@@ -12,7 +12,7 @@ RMS over entries that are not tiny, which at least ignores always-zero pixels
 and dead units.
 
 Within an epoch, a layer vanishes when its RMS is below ``vanish_ratio`` times
-the output layer's or below ``vanish_abs``; it explodes when above
+the output layer's or below ``vanish_abs``. It explodes when its RMS is above
 ``explode_ratio`` times the output layer's or above ``explode_abs``. Over a run,
 a layer vanishes (explodes) when it did so in at least ``min_epochs_frac`` of the
 epochs: vanishing gradients hurt most early in training and often fade once

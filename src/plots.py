@@ -236,14 +236,7 @@ def plot_grad_stat_vs_depth(
     ax = fig.add_subplot()
 
     for index, (label, per_layer) in enumerate(values.items()):
-        per_layer = np.asarray(per_layer, dtype=float)
-        if per_layer.shape != (len(layers),):
-            raise ValueError(
-                f"values[{label!r}] has shape {per_layer.shape}, "
-                f"expected ({len(layers)},), one value per layer"
-            )
-        if logy:
-            per_layer = _mask_non_positive(per_layer)
+        per_layer = _per_layer_values(per_layer, layers, f"values[{label!r}]", logy)
         ax.plot(positions, per_layer, color=_color(index), marker="o", label=label)
 
     if logy:
@@ -317,6 +310,16 @@ def render_epoch_histograms(
         suptitle.set_text(f"{title}: weight gradients, epoch {int(epoch)}")
         fig.draw_artist(suptitle)
         yield int(epoch), np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def _per_layer_values(values, layers: list[str], name: str, logy: bool) -> np.ndarray:
+    """Return `values` as floats, one per layer, masked for a log axis; raise ValueError if not."""
+    values = np.asarray(values, dtype=float)
+    if values.shape != (len(layers),):
+        raise ValueError(
+            f"{name} has shape {values.shape}, expected ({len(layers)},), one value per layer"
+        )
+    return _mask_non_positive(values) if logy else values
 
 
 def _color(index: int) -> str:
@@ -533,14 +536,7 @@ def plot_grad_stat_vs_depth_by_variant(
 
     for index, (label, by_epoch) in enumerate(values.items()):
         for epoch, per_layer in sorted(by_epoch.items()):
-            per_layer = np.asarray(per_layer, dtype=float)
-            if per_layer.shape != (len(layers),):
-                raise ValueError(
-                    f"values[{label!r}][{epoch}] has shape {per_layer.shape}, "
-                    f"expected ({len(layers)},), one value per layer"
-                )
-            if logy:
-                per_layer = _mask_non_positive(per_layer)
+            per_layer = _per_layer_values(per_layer, layers, f"values[{label!r}][{epoch}]", logy)
             style = styles[epoch]
             ax.plot(
                 positions,
