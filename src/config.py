@@ -65,6 +65,13 @@ class TrackingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 1  # write a checkpoint every N epochs (and after the last); 0: none
+    resume: bool = False  # continue this job's last checkpoint, into the same MLflow run
+    dir: str = "checkpoints"  # folder of the checkpoints; relative paths start at the project root
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING  # digits, uci_digits, mnist, fashion_mnist, kmnist, cifar10, image_folder
     val_fraction: float = 0.0  # share of the training set held out for val/*; 0: val/* is test/*
@@ -176,6 +183,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dataset: Any = MISSING
     model: Any = MISSING
     activation: Any = MISSING

@@ -182,7 +182,7 @@ def check_parallelism(config: DictConfig, cores: int | None = None) -> None:
 
 
 # Overrides that do not change the variant, left out of run names.
-UNNAMED_KEYS = ("tracking", "trainer.device", "trainer.num_threads")
+UNNAMED_KEYS = ("tracking", "trainer.device", "trainer.num_threads", "checkpoint")
 
 
 def job_run_name(task_overrides: list[str], keys: list[str] | None) -> str:

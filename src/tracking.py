@@ -479,11 +479,15 @@ def start_run(
     run_name: str,
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> Iterator[Tracker]:
-    """Open an MLflow run and end it FINISHED, or FAILED (KILLED on Ctrl-C) if the body raises.
+    """Open an MLflow run and end it FINISHED, or FAILED if the body raises.
 
-    When the store cannot take the final status either (a server that went away),
-    the error is logged, the run stays RUNNING, and the body's exception propagates.
+    A run stopped by Ctrl-C, SIGTERM (raised as KeyboardInterrupt) or SystemExit
+    (a scheduler's requeue) ends KILLED. With `run_id`, the existing run is reopened
+    (status RUNNING again) instead of a new one created, to resume it. When the store
+    cannot take the final status either (a server that went away), the error is
+    logged, the run stays RUNNING, and the body's exception propagates.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -493,8 +497,11 @@ def start_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
 
-    run = mlflow.start_run(run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
+    if run_id is None:
+        run = mlflow.start_run(run_name=run_name, tags=all_tags)
+        run_id = run.info.run_id
+    else:
+        mlflow.start_run(run_id=run_id)
     log.info(
         "MLflow run %s (%s) in experiment %r at %s",
         run_id,
@@ -504,7 +511,7 @@ def start_run(
     )
     try:
         yield Tracker(client, run_id, tracking_uri)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         _end_run(run_id, "KILLED", tracking_uri)
         raise
     except BaseException:
