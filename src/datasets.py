@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.config import UserError
+
 log = logging.getLogger(__name__)
 
 # Config name -> torchvision class name, which is also the folder under the root.
@@ -35,7 +37,7 @@ CIFAR10_FILES = {True: tuple(f"data_batch_{i}" for i in range(1, 6)), False: ("t
 IMAGE_FOLDER_LAYOUT = "<root>/<class name>/<image>.png (any format Pillow reads)"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """Dataset files that are missing, corrupt or inconsistent."""
 
 

@@ -1,8 +1,8 @@
 """The sweep as one thing in MLflow: a parent run around a Hydra multirun.
 
-:class:`SweepRunCallback` checks the launcher's parallelism and the tracking
-server, then opens the parent run when a multirun starts. It hands the parent's
-id to the jobs in two ways. It appends a Hydra override that sets
+:class:`SweepRunCallback` checks the launcher's parallelism, every job's config
+and the tracking server, then opens the parent run when a multirun starts. It
+hands the parent's id to the jobs in two ways. It appends a Hydra override that sets
 ``hydra.job.env_set.SWEEP_PARENT_RUN``: every Hydra launcher (basic, joblib,
 submitit local and SLURM) composes each job's config from the sweep's Hydra
 overrides, so jobs on other machines get the id with their config, without a
@@ -19,13 +19,14 @@ import atexit
 import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
-from src.config import ConfigError
+from src.config import ConfigError, validate
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,10 @@ PARENT_FILE = "parent_run.json"
 PARENT_ENV = "SWEEP_PARENT_RUN"  # key under hydra.job.env_set that carries the parent record
 FAILURES_DIR = "failed_jobs"  # one JSON file per failed job, read at the sweep's end
 
-# The launchers' classes, as hydra.launcher._target_ names them.
+# The launchers' and sweepers' classes, as hydra.launcher._target_ and
+# hydra.sweeper._target_ name them.
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SUBMITIT_LOCAL_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 SUBMITIT_SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -181,6 +185,79 @@ def check_parallelism(config: DictConfig, cores: int | None = None) -> None:
             )
 
 
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Return each job's overrides as Hydra's basic sweeper makes them, in job order.
+
+    The sweeper's ``hydra.sweeper.params`` come first and the command line's task
+    overrides after them, so that a command-line value of the same key wins.
+    """
+    # NOTE: Hydra 1.3 keeps the basic sweeper in hydra._internal, a private module.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+    arguments = params + list(config.hydra.overrides.task)
+    # The config loader lets glob() sweeps list a config group's options.
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    (jobs,) = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return jobs
+
+
+def check_sweep_configs(config: DictConfig) -> None:
+    """Compose and validate every job of a basic sweep; raise one ConfigError naming each bad job.
+
+    Composes each job as the launchers do (``ConfigLoader.load_sweep_config``), so
+    a bad value in the sweep's tenth job stops it before the first job runs. Values
+    are checked against this machine too (cores, memory, GPUs) unless the launcher
+    runs the jobs elsewhere, as SLURM does. Other sweepers choose their jobs while
+    they run, so their jobs are left to check themselves.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    sweeper = config.hydra.sweeper.get("_target_")
+    if sweeper != BASIC_SWEEPER:
+        log.debug("Job configs are checked by each job: %s is not the basic sweeper", sweeper)
+        return
+    start = time.perf_counter()
+    try:
+        jobs = sweep_jobs(config)
+    except HydraException as err:
+        raise ConfigError(f"Invalid sweep: {_hydra_message(err)}") from None
+    on_this_machine = config.hydra.launcher.get("_target_") in (
+        BASIC_LAUNCHER,
+        JOBLIB_LAUNCHER,
+        SUBMITIT_LOCAL_LAUNCHER,
+    )
+    loader = GlobalHydra.instance().config_loader()
+    keys = sweep_keys(list(config.hydra.overrides.task))
+    keys += [str(key) for key in (config.hydra.sweeper.get("params") or {})]
+    failures = []
+    for number, overrides in enumerate(jobs):
+        try:
+            validate(loader.load_sweep_config(config, list(overrides)), machine=on_this_machine)
+        except ConfigError as err:
+            failures.append(f"#{number} {job_run_name(overrides, keys)}: {err}")
+        except (HydraException, OmegaConfBaseException) as err:
+            failures.append(f"#{number} {job_run_name(overrides, keys)}: {_hydra_message(err)}")
+    log.info("Checked the configs of %d jobs in %.2f s", len(jobs), time.perf_counter() - start)
+    if failures:
+        raise ConfigError(
+            f"Invalid config in {len(failures)} of the sweep's {len(jobs)} jobs, so no job "
+            "was started:\n  " + "\n  ".join(failures)
+        )
+
+
+def _hydra_message(err: Exception) -> str:
+    """Return a Hydra or OmegaConf error as one line, with its cause but without object types."""
+    text = f"{err}\n{err.__cause__}" if err.__cause__ is not None else str(err)
+    skipped = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=")
+    lines = [line.strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith(skipped))
+
+
 # Overrides that do not change the variant, left out of run names.
 UNNAMED_KEYS = ("tracking", "trainer.device", "trainer.num_threads", "checkpoint")
 
@@ -227,11 +304,12 @@ class SweepRunCallback(Callback):
         self.tracking_uri: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Check the launcher and the store, open the parent run and pass its id to the jobs.
+        """Check the launcher, the jobs' configs and the store, then open the parent run.
 
-        A bad launcher or tracking setting ends the sweep before its first job, with
-        exit status 1: Hydra turns a callback's exceptions into warnings and goes on,
-        but lets SystemExit through.
+        A bad launcher or tracking setting, or a job with an invalid config, ends the
+        sweep before its first job and before the parent run exists, with exit status
+        1: Hydra turns a callback's exceptions into warnings and goes on, but lets
+        SystemExit through. The parent run's id then goes to the jobs.
         """
         from mlflow.tracking import MlflowClient
 
@@ -244,6 +322,7 @@ class SweepRunCallback(Callback):
 
         try:
             check_parallelism(config)
+            check_sweep_configs(config)
             self.tracking_uri = connect_tracking(config.tracking)
         except (ConfigError, TrackingServerError) as err:
             log.error("Sweep not started: %s", err)
