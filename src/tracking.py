@@ -2,16 +2,17 @@
 
 A tracking server (``http(s)://`` URI) gets two guards that a local store does not
 need. :func:`connect_tracking` checks that it responds before any work starts and
-caps MLflow's HTTP retries, and :class:`Tracker` turns a lost connection into one
-error that names the server and what was not sent. Credentials inside a URI
-(``user:password@``) are redacted from the params, tags and text artifacts that
-this module sends, and from every log record of a process that called
-:func:`connect_tracking`.
+caps MLflow's HTTP retries, and :class:`Tracker` keeps what a lost server did not
+take in a spool on disk (:mod:`src.spool`) until the server responds again.
+Credentials inside a URI (``user:password@``) are redacted from the params, tags
+and text artifacts that this module sends, and from every log record of a process
+that called :func:`connect_tracking`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import re
@@ -19,19 +20,23 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 import requests
 from mlflow.entities import Metric as MlflowMetric
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 from mlflow.environment_variables import (
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
     MLFLOW_HTTP_REQUEST_MAX_RETRIES,
     MLFLOW_HTTP_REQUEST_TIMEOUT,
+    MLFLOW_RUN_ID,
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
     MLFLOW_TRACKING_CLIENT_CERT_PATH,
     MLFLOW_TRACKING_INSECURE_TLS,
@@ -41,12 +46,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError
+from src.config import ConfigError, UserError
 
 if TYPE_CHECKING:
     import torch
 
     from src.gradients import Metric
+    from src.spool import Operation, Spool
+    from src.writer import MetricWriter
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STORE_DIR = PROJECT_ROOT / "mlruns"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for one log_batch call
+MAX_TAGS_PER_BATCH = 100  # MLflow's limit for one log_batch call
 SERVER_SCHEMES = ("http://", "https://")
 # MLflow 3 rejects more retries, or a larger backoff factor, than these.
 MAX_HTTP_RETRIES = 10
 MAX_HTTP_BACKOFF_FACTOR = 120
+DEFAULT_SPOOL_DIR = PROJECT_ROOT / "spool"
+MAX_SPOOL_WAIT = 86_400  # seconds; one day bounds every spool_* wait
 
 # The userinfo part of any URI in a text: "user:password@" in "https://user:password@host/",
 # also as Hydra's log of a job's overrides escapes it: "https\://user\:password@host".
@@ -65,7 +75,7 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*\\?://)[^\s/@'\"]+@
 _TEXT_SUFFIXES = {".yaml", ".yml", ".json", ".log", ".txt", ".md", ".csv"}
 
 
-class TrackingServerError(RuntimeError):
+class TrackingServerError(UserError, RuntimeError):
     """A tracking server that cannot be reached or stopped responding, named in the message."""
 
 
@@ -133,7 +143,11 @@ def install_log_redaction() -> None:
 def validate_tracking(tracking_cfg: DictConfig) -> None:
     """Raise ConfigError naming the key, its value and the allowed range for any bad value."""
     checks = [
-        ("health_check_timeout", lambda v: v > 0, "expected seconds > 0"),
+        (
+            "health_check_timeout",
+            lambda v: 0 < v < math.inf,
+            "expected finite seconds > 0",
+        ),
         ("http_request_timeout", lambda v: v is None or v >= 1, "expected seconds >= 1, or null"),
         (
             "http_request_max_retries",
@@ -145,11 +159,85 @@ def validate_tracking(tracking_cfg: DictConfig) -> None:
             lambda v: v is None or 0 <= v <= MAX_HTTP_BACKOFF_FACTOR,
             f"expected seconds in [0, {MAX_HTTP_BACKOFF_FACTOR}] (MLflow's limit), or null",
         ),
+        (
+            "spool_dir",
+            lambda v: isinstance(v, str) and v.strip() != "" and "\0" not in v,
+            "expected the path of a folder",
+        ),
+        (
+            "spool_retry_wait",
+            lambda v: 0 < v <= MAX_SPOOL_WAIT,
+            f"expected seconds in (0, {MAX_SPOOL_WAIT}]",
+        ),
+        (
+            "spool_retry_max_wait",
+            lambda v: tracking_cfg.spool_retry_wait <= v <= MAX_SPOOL_WAIT,
+            f"expected seconds in [tracking.spool_retry_wait, {MAX_SPOOL_WAIT}]",
+        ),
+        (
+            "spool_final_timeout",
+            lambda v: 0 <= v <= MAX_SPOOL_WAIT,
+            f"expected seconds in [0, {MAX_SPOOL_WAIT}]",
+        ),
     ]
     for key, ok, allowed in checks:
         value = tracking_cfg[key]
         if not ok(value):
             raise ConfigError(f"Invalid config value tracking.{key}={value!r}: {allowed}.")
+    if resolve_tracking_uri(tracking_cfg.uri).startswith(SERVER_SCHEMES):
+        check_spool_dir(resolve_spool_dir(tracking_cfg.spool_dir), tracking_cfg.spool_dir)
+
+
+def resolve_spool_dir(spool_dir: str) -> Path:
+    """Return the spool folder as an absolute path; relative paths start at the project root."""
+    path = Path(spool_dir).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def check_spool_dir(folder: Path, value: str) -> None:
+    """Raise ConfigError unless this process can write folder `folder`, or create it.
+
+    Nothing is created here: a run creates its spool only when its server fails.
+    """
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(
+        f"Invalid config value tracking.spool_dir={value!r}: {problem}, so a run could not "
+        f"keep its tracking data in {folder} while the server is unreachable. "
+        "Set tracking.spool_dir to a folder this job can write."
+    )
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """Spool folder and retry timing of runs whose tracking server stops responding."""
+
+    folder: Path = DEFAULT_SPOOL_DIR  # one subfolder per run
+    retry_wait: float = 2.0  # seconds before the first retry; doubles after each failed retry
+    retry_max_wait: float = 60.0  # seconds, the longest wait between two retries
+    final_timeout: float = 10.0  # seconds the end of a run waits for the server
+    probe_timeout: float = 5.0  # seconds a GET /health probe waits to connect, and to respond
+
+    @classmethod
+    def from_config(cls, tracking_cfg: DictConfig) -> SpoolSettings:
+        return cls(
+            folder=resolve_spool_dir(tracking_cfg.spool_dir),
+            retry_wait=tracking_cfg.spool_retry_wait,
+            retry_max_wait=tracking_cfg.spool_retry_max_wait,
+            final_timeout=tracking_cfg.spool_final_timeout,
+            probe_timeout=tracking_cfg.health_check_timeout,
+        )
+
+
+# The settings that start_run gives the runs of this process, from the last connect_tracking.
+_spool_settings = SpoolSettings()
 
 
 def configure_http_requests(tracking_cfg: DictConfig) -> None:
@@ -158,8 +246,10 @@ def configure_http_requests(tracking_cfg: DictConfig) -> None:
     MLflow reads them at every request, so they hold for this process and for the
     processes it starts. A null value keeps what the environment, or MLflow's
     default, sets: 7 retries with a backoff factor of 2 and a 120 s timeout, which
-    retries for about four minutes before a lost server raises.
+    retries for about four minutes before a lost server raises. The ``tracking.spool_*``
+    settings are kept likewise, for the runs that :func:`start_run` opens in this process.
     """
+    global _spool_settings
     settings = [
         (MLFLOW_HTTP_REQUEST_TIMEOUT, tracking_cfg.http_request_timeout),
         (MLFLOW_HTTP_REQUEST_MAX_RETRIES, tracking_cfg.http_request_max_retries),
@@ -168,6 +258,7 @@ def configure_http_requests(tracking_cfg: DictConfig) -> None:
     for variable, value in settings:
         if value is not None:
             os.environ[variable.name] = str(value)
+    _spool_settings = SpoolSettings.from_config(tracking_cfg)
 
 
 def check_server(uri: str, timeout: float) -> None:
@@ -336,7 +427,7 @@ def run_environment_tags(device: torch.device, seed: int) -> dict[str, str]:
 # One run
 
 
-def _is_connection_error(err: BaseException) -> bool:
+def is_connection_error(err: BaseException) -> bool:
     """Tell a failed connection, or retries that ran out, from an error response of the server.
 
     MLflow raises its HTTP failures as MlflowException chained to the requests error.
@@ -349,92 +440,393 @@ def _is_connection_error(err: BaseException) -> bool:
     return False
 
 
+class SpooledDataError(TrackingServerError):
+    """A run that ended with tracking data its server did not take, kept in a spool on disk."""
+
+
 class Tracker:
     """One MLflow run: buffered metrics, params, figures and files.
 
     Metrics are sent with ``log_batch`` in chunks of at most 1000, never one call
     per value: per-call logging to SQLite costs about 10 ms a value.
 
-    When a request fails on the connection, the call raises TrackingServerError
-    naming the server and what was not sent. Later calls then send nothing and log
-    an error for what they skipped, so that clean-up code after the failure ends
-    quickly instead of waiting out MLflow's retries once a call.
+    With `spool` settings, which :func:`start_run` gives a run on a tracking server,
+    a request that fails on the connection (after MLflow's own retries) does not stop
+    the job. That operation, and every later one until the server responds again, goes
+    to the run's spool on disk (:mod:`src.spool`), in order. The tracker retries the
+    server after ``retry_wait`` seconds, doubling the wait after each failed retry up to
+    ``retry_max_wait``, so that a long outage costs an epoch a file append and not
+    MLflow's retries. Without `spool`, such a failure raises TrackingServerError.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str | None = None):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        tracking_uri: str | None = None,
+        spool: SpoolSettings | None = None,
+        writer: MetricWriter | None = None,
+    ):
         self.client = client
         self.run_id = run_id
         self.tracking_uri = tracking_uri or client.tracking_uri
-        self.connection_error: TrackingServerError | None = None
+        self.writer = writer  # stores metrics from a child process; None: log_metrics sends them
+        self.spool_settings = spool
+        self.spool: Spool | None = None  # created at the first request that fails
+        self._retry_wait = 0.0  # seconds between the last failed retry and the next
+        self._next_retry = 0.0  # time.monotonic() of the next retry
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(key, redact_credentials(str(value))) for key, value in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             chunk = items[start : start + MAX_PARAMS_PER_BATCH]
-            self._send("params", self.client.log_batch, self.run_id, params=chunk)
+            self._send(
+                "params",
+                partial(self.client.log_batch, self.run_id, params=chunk),
+                partial(_key_value_rows, "params", chunk),
+            )
 
     def log_metrics(self, metrics: Iterable[Metric]) -> None:
-        """Send `metrics` in chunks, and on a lost connection raise naming how many were not sent.
+        """Send `metrics` in chunks of at most 1000, keeping each value's step and timestamp.
 
-        The training loop calls this once an epoch, so the count is that epoch's.
-        Chunks sent before the failure stay stored.
+        The training loop calls this once an epoch. While the server is unreachable the
+        values go to the spool instead, and the call returns at once. With a `writer`,
+        the values go to its child process, and :meth:`flush` waits until it stored them.
         """
+        if self.writer is not None:
+            from src.writer import MetricWriterError
+
+            metrics = list(metrics)
+            try:
+                self.writer.log_batch(metrics)
+                return
+            except MetricWriterError as err:
+                metrics = self._stop_writer(err) + metrics
         batch = [MlflowMetric(m.key, m.value, m.timestamp, m.step) for m in metrics]
         for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
             chunk = batch[start : start + MAX_METRICS_PER_BATCH]
-            unsent = batch[start:]
-            description = (
-                f"metrics: {len(unsent)} of the {len(batch)} metric values of this batch, "
-                f"up to step {max(m.step for m in unsent)}, were not sent"
-            )
             self._send(
-                description, self.client.log_batch, self.run_id, metrics=chunk, synchronous=True
+                "metrics",
+                partial(self.client.log_batch, self.run_id, metrics=chunk, synchronous=True),
+                partial(_metric_rows, chunk),
             )
 
+    def flush(self) -> None:
+        """Wait until the `writer`, if any, has stored every metric value it was given.
+
+        When the writer failed or died, the values it did not store are sent from
+        this process instead, after an error in the log, so that none is lost.
+        """
+        if self.writer is None:
+            return
+        from src.writer import MetricWriterError
+
+        try:
+            self.writer.flush()
+        except MetricWriterError as err:
+            self.log_metrics(self._stop_writer(err))
+
+    def _stop_writer(self, err: Exception) -> list:
+        """Log `err`, stop the writer and return the values it did not store."""
+        from src.writer import MetricWriterError
+
+        log.error("%s They are sent from the training process instead.", err)
+        unwritten = self.writer.unwritten()
+        try:
+            self.writer.close()
+        except MetricWriterError:
+            pass  # the failure is logged above
+        self.writer = None
+        return unwritten
+
     def log_figure(self, figure, artifact_file: str) -> None:
-        self._send(artifact_file, self.client.log_figure, self.run_id, figure, artifact_file)
+        folder, name = _split_artifact_file(artifact_file)
+        self._send(
+            "artifacts",
+            partial(self.client.log_figure, self.run_id, figure, artifact_file),
+            partial(_artifacts_data, folder, artifact_file),
+            lambda target: figure.savefig(target / name),
+        )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         text = redact_credentials(text)
-        self._send(artifact_file, self.client.log_text, self.run_id, text, artifact_file)
+        folder, name = _split_artifact_file(artifact_file)
+        self._send(
+            "artifacts",
+            partial(self.client.log_text, self.run_id, text, artifact_file),
+            partial(_artifacts_data, folder, artifact_file),
+            lambda target: (target / name).write_text(text, encoding="utf-8"),
+        )
 
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
-        description = f"{artifact_path or '.'}/{path.name}"
         with _redacted_copy(path) as upload:
             self._send(
-                description, self.client.log_artifact, self.run_id, str(upload), artifact_path
+                "artifacts",
+                partial(self.client.log_artifact, self.run_id, str(upload), artifact_path),
+                partial(_artifacts_data, artifact_path, f"{artifact_path or '.'}/{path.name}"),
+                lambda target: shutil.copy2(upload, target / upload.name),
             )
 
     def log_dir(self, path: Path, artifact_path: str) -> None:
         """Log the files inside folder `path` under `artifact_path`."""
         with _redacted_copy(path) as upload:
             self._send(
-                f"{artifact_path}/", self.client.log_artifacts, self.run_id, str(upload),
-                artifact_path,
-            )  # fmt: skip
+                "artifacts",
+                partial(self.client.log_artifacts, self.run_id, str(upload), artifact_path),
+                partial(_artifacts_data, artifact_path, f"{artifact_path}/"),
+                lambda target: shutil.copytree(upload, target, dirs_exist_ok=True),
+            )
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """Log `image` (an array or PIL image) under `key` at `step`, for the UI's step slider."""
+        from src.spool import IMAGE_FILE
+
+        timestamp = int(time.time() * 1000)
+        self._send(
+            "image",
+            partial(
+                self.client.log_image, self.run_id, image, key=key, step=step,
+                timestamp=timestamp, synchronous=True,
+            ),  # fmt: skip
+            partial(dict, key=key, step=step, timestamp=timestamp),
+            lambda target: mlflow.Image(image).save(str(target / IMAGE_FILE)),
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for key, value in tags.items():
+        items = [RunTag(key, redact_credentials(str(value))) for key, value in tags.items()]
+        for start in range(0, len(items), MAX_TAGS_PER_BATCH):
+            chunk = items[start : start + MAX_TAGS_PER_BATCH]
             self._send(
-                f"tag {key}", self.client.set_tag, self.run_id, key,
-                redact_credentials(str(value)),
-            )  # fmt: skip
+                "tags",
+                partial(self.client.log_batch, self.run_id, tags=chunk),
+                partial(_key_value_rows, "tags", chunk),
+            )
 
-    def _send(self, description: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        display_uri = redact_uri(self.tracking_uri)
-        if self.connection_error is not None:
-            log.error("Not sent to %s after the earlier failure: %s", display_uri, description)
+    def end(self, status: str) -> None:
+        """Send what the writer and the spool contain, waiting for the server, then `status`.
+
+        The wait is at most ``final_timeout`` seconds, plus MLflow's retries of a request
+        that fails during it. A status that cannot be sent goes to the spool, last.
+        """
+        self.flush()
+        if self._has_pending():
+            self._final_retry()
+            self._next_retry = math.inf  # the final attempt is over: the status joins the spool
+        end_time = int(time.time() * 1000)
+        self._send(
+            "status",
+            partial(self.client.set_terminated, self.run_id, status, end_time),
+            partial(dict, status=status, end_time=end_time),
+        )
+        if self.spool is None:
+            return
+        if self._has_pending() or self.spool.rejected():
+            self.spool.unlock()  # a replay may start as soon as this process ends
+        else:
+            self.spool.remove()
+            log.info("Every spooled operation of run %s was sent; removed its spool", self.run_id)
+
+    def unsent_message(self) -> str | None:
+        """Return what the spool still contains, where it is and how to replay it; None if empty."""
+        if self.spool is None or not (self._has_pending() or self.spool.rejected()):
+            return None
+        from src.spool import REPLAY_COMMAND
+
+        left = self.spool.contents(self.spool.pending())
+        message = (
+            f"The MLflow tracking server at {redact_uri(self.tracking_uri)} did not take "
+            f"{left.describe()} of run {self.run_id}. They are kept in the spool "
+            f"{self.spool.folder}"
+        )
+        rejected = self.spool.rejected()
+        if rejected:
+            message += f", with {len(rejected)} operations the server rejected"
+        return (
+            f"{message}. Once the server is up, send them from {PROJECT_ROOT} with: "
+            f"{REPLAY_COMMAND} {self.spool.folder}"
+        )
+
+    def spooled_metric_steps(self) -> dict[str, int]:
+        """Return the last step of each metric key among the values still in the spool."""
+        steps: dict[str, int] = {}
+        for operation in self.spool.pending() if self.spool is not None else []:
+            for key, _, _, step in operation.data.get("metrics", []):
+                steps[key] = max(step, steps.get(key, step))
+        return steps
+
+    def resume_spool(self) -> None:
+        """Take over the spool that an earlier attempt of this run left, and send it first.
+
+        Call it when a run is reopened to resume it. The earlier attempt's final status
+        is skipped, because the run goes on.
+        """
+        from src.spool import META_FILE, Spool, SpoolError
+
+        if self.spool_settings is None:
+            return
+        folder = self.spool_settings.folder / self.run_id
+        if not (folder / META_FILE).is_file():
             return
         try:
-            call(*args, **kwargs)
-        except MlflowException as err:
-            if not _is_connection_error(err):
+            spool = Spool.open(folder)
+        except SpoolError as err:
+            log.warning("Not taking over the spool of run %s: %s", self.run_id, err)
+            return
+        spool.skip_final_status("the run was reopened")
+        self.spool = spool
+        if self._has_pending():
+            log.info(
+                "Run %s has %s left in spool %s by an earlier attempt; sending them first",
+                self.run_id, spool.contents(spool.pending()).describe(), folder,
+            )  # fmt: skip
+            self._retry()
+
+    def _send(
+        self,
+        kind: str,
+        send: Callable[[], Any],
+        data: Callable[[], dict[str, Any]],
+        write_files: Callable[[Path], Any] | None = None,
+    ) -> None:
+        """Run `send`, or spool the operation that `data` and `write_files` describe.
+
+        While operations are spooled, new ones join them, so the server gets them all in order.
+        """
+        if self._has_pending():
+            self._spool(kind, data, write_files)
+            if time.monotonic() >= self._next_retry:
+                self._retry()
+            return
+        try:
+            send()
+        except (MlflowException, requests.RequestException) as err:
+            if not is_connection_error(err):
                 raise
-            self.connection_error = TrackingServerError(
-                f"Sending to the MLflow tracking server at {display_uri} failed, {description}: "
-                f"{redact_credentials(str(err))}"
+            display_uri = redact_uri(self.tracking_uri)
+            reason = redact_credentials(str(err))
+            if self.spool_settings is None:
+                raise TrackingServerError(
+                    f"Sending {kind} to the MLflow tracking server at {display_uri} failed: "
+                    f"{reason}"
+                ) from None
+            from src.spool import ATTEMPTED
+
+            operation = self._spool(kind, data, write_files)
+            self.spool.mark(operation, ATTEMPTED)  # it may have reached the server
+            self._retry_wait = self.spool_settings.retry_wait
+            self._next_retry = time.monotonic() + self._retry_wait
+            log.warning(
+                "Sending %s to the MLflow tracking server at %s failed: %s. The job goes on, "
+                "and run %s keeps its tracking data in the spool %s until the server responds; "
+                "next retry in %g s",
+                kind, display_uri, reason, self.run_id, self.spool.folder, self._retry_wait,
+            )  # fmt: skip
+
+    def _spool(
+        self,
+        kind: str,
+        data: Callable[[], dict[str, Any]],
+        write_files: Callable[[Path], Any] | None,
+    ) -> Operation:
+        try:
+            if self.spool is None:
+                self.spool = self._create_spool()
+            return self.spool.append(kind, data(), write_files)
+        except OSError as err:
+            folder = self.spool.folder if self.spool is not None else self.spool_settings.folder
+            raise TrackingServerError(
+                f"The MLflow tracking server at {redact_uri(self.tracking_uri)} is unreachable, "
+                f"and run {self.run_id} cannot keep its data in the spool folder {folder}: {err}. "
+                "Set tracking.spool_dir to a folder this job can write, on a disk with free space."
+            ) from None
+
+    def _create_spool(self) -> Spool:
+        """Create this run's spool, in another folder if a live process locks the usual one."""
+        from src.spool import Spool, SpoolError
+
+        root = self.spool_settings.folder
+        try:
+            return Spool.create(root / self.run_id, self.run_id, self.tracking_uri)
+        except SpoolError:
+            return Spool.create(
+                root / f"{self.run_id}-{os.getpid()}", self.run_id, self.tracking_uri
             )
-            raise self.connection_error from None
+
+    def _has_pending(self) -> bool:
+        return self.spool is not None and self.spool.has_pending()
+
+    def _retry(self) -> None:
+        """Send the spool if the server responds; otherwise wait twice as long for the next try."""
+        from src.spool import send_pending
+
+        display_uri = redact_uri(self.tracking_uri)
+        error = "no response to GET /health"
+        if self._server_responds():
+            result = send_pending(self.spool, self.client)
+            if not self._has_pending():
+                log.info(
+                    "The MLflow tracking server at %s responds again: sent %s from spool %s",
+                    display_uri, result.sent.describe(), self.spool.folder,
+                )  # fmt: skip
+                return
+            error = result.error or error
+        settings = self.spool_settings
+        doubled = max(2 * self._retry_wait, settings.retry_wait)
+        self._retry_wait = min(doubled, settings.retry_max_wait)
+        self._next_retry = time.monotonic() + self._retry_wait
+        log.info(
+            "The MLflow tracking server at %s is still unreachable (%s): %s of run %s "
+            "spooled; next retry in %g s",
+            display_uri, error, self.spool.contents(self.spool.pending()).describe(),
+            self.run_id, self._retry_wait,
+        )  # fmt: skip
+
+    def _final_retry(self) -> None:
+        """Try the server for up to ``final_timeout`` seconds, about once a second."""
+        from src.spool import send_pending
+
+        timeout = self.spool_settings.final_timeout
+        log.info(
+            "Waiting up to %g s for the MLflow tracking server at %s to take the %s "
+            "spooled for run %s",
+            timeout, redact_uri(self.tracking_uri),
+            self.spool.contents(self.spool.pending()).describe(), self.run_id,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._server_responds():
+                send_pending(self.spool, self.client)
+                if not self._has_pending():
+                    return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(1.0, remaining))
+
+    def _server_responds(self) -> bool:
+        try:
+            check_server(self.tracking_uri, self.spool_settings.probe_timeout)
+        except TrackingServerError:
+            return False
+        return True
+
+
+def _metric_rows(chunk: list[MlflowMetric]) -> dict[str, Any]:
+    return {"metrics": [[m.key, float(m.value), int(m.timestamp), int(m.step)] for m in chunk]}
+
+
+def _key_value_rows(name: str, chunk: list) -> dict[str, Any]:
+    return {name: [[item.key, item.value] for item in chunk]}
+
+
+def _artifacts_data(artifact_path: str | None, description: str) -> dict[str, Any]:
+    return {"artifact_path": artifact_path, "description": description}
+
+
+def _split_artifact_file(artifact_file: str) -> tuple[str | None, str]:
+    """Split ``figures/loss.png`` into ``("figures", "loss.png")``; a bare name has no folder."""
+    folder, _, name = artifact_file.rpartition("/")
+    return folder or None, name
 
 
 @contextmanager
@@ -480,14 +872,21 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
+    metric_writer: bool = False,
 ) -> Iterator[Tracker]:
     """Open an MLflow run and end it FINISHED, or FAILED if the body raises.
 
     A run stopped by Ctrl-C, SIGTERM (raised as KeyboardInterrupt) or SystemExit
     (a scheduler's requeue) ends KILLED. With `run_id`, the existing run is reopened
-    (status RUNNING again) instead of a new one created, to resume it. When the store
-    cannot take the final status either (a server that went away), the error is
-    logged, the run stays RUNNING, and the body's exception propagates.
+    (status RUNNING again) instead of a new one created, to resume it, and what an
+    earlier attempt left in the run's spool is sent first.
+
+    On a tracking server, what the server does not take goes to the run's spool (see
+    :class:`Tracker`), with the settings of the last :func:`connect_tracking`. At the
+    end the run waits up to ``tracking.spool_final_timeout`` seconds for the server.
+    Whatever is still spooled then is logged as an error that names the spool and the
+    command that replays it, and raised as SpooledDataError after a body that
+    succeeded. After a body that raised, the body's exception propagates.
     """
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -497,6 +896,7 @@ def start_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
 
+    reopened = run_id is not None
     if run_id is None:
         run = mlflow.start_run(run_name=run_name, tags=all_tags)
         run_id = run.info.run_id
@@ -509,27 +909,88 @@ def start_run(
         experiment_name,
         redact_uri(tracking_uri),
     )
+    spool = _spool_settings if tracking_uri.startswith(SERVER_SCHEMES) else None
+    writer = None
+    if metric_writer and tracking_uri.startswith("sqlite:"):
+        from src.writer import MetricWriter
+
+        # Started now, so that the child's MLflow import overlaps the job's set-up.
+        writer = MetricWriter(tracking_uri, run_id)
+    tracker = Tracker(client, run_id, tracking_uri, spool=spool, writer=writer)
+    if reopened:
+        tracker.resume_spool()
     try:
-        yield Tracker(client, run_id, tracking_uri)
+        yield tracker
     except (KeyboardInterrupt, SystemExit):
-        _end_run(run_id, "KILLED", tracking_uri)
+        _end_run(tracker, "KILLED", body_failed=True)
         raise
     except BaseException:
-        _end_run(run_id, "FAILED", tracking_uri)
+        _end_run(tracker, "FAILED", body_failed=True)
         raise
     else:
-        mlflow.end_run(status="FINISHED")
+        _end_run(tracker, "FINISHED", body_failed=False)
+    finally:
+        if tracker.writer is not None:
+            _close_writer(tracker.writer)
 
 
-def _end_run(run_id: str, status: str, tracking_uri: str) -> None:
-    """End the active run with `status`, logging instead of raising if the store fails."""
+def _close_writer(writer) -> None:
+    """Stop the writer's child, logging instead of raising: the run has ended already."""
+    from src.writer import MetricWriterError
+
     try:
-        mlflow.end_run(status=status)
-    except MlflowException as err:
+        writer.close(timeout=60)
+    except MetricWriterError as err:
+        log.error("%s", err)
+
+
+def _end_run(tracker: Tracker, status: str, body_failed: bool) -> None:
+    """End the run with `status`, leave MLflow's active run, and report what stays spooled.
+
+    After a body that failed, an error of the store is logged, not raised, so that the
+    body's exception is the one that propagates.
+    """
+    try:
+        tracker.end(status)
+    except Exception as err:
+        if not body_failed:
+            raise
         log.error(
             "Could not mark run %s %s at %s, so it stays RUNNING there: %s",
-            run_id,
+            tracker.run_id,
             status,
-            redact_uri(tracking_uri),
+            redact_uri(tracker.tracking_uri),
             redact_credentials(str(err)),
         )
+    finally:
+        _leave_active_run(tracker.run_id)
+    message = tracker.unsent_message()
+    if message is None:
+        return
+    log.error("%s", message)
+    if not body_failed:
+        raise SpooledDataError(message)
+
+
+def _leave_active_run(run_id: str) -> None:
+    """Remove run `run_id` from MLflow's fluent active-run stack without a request.
+
+    NOTE: MLflow 3.17 has no public call for this: ``mlflow.end_run`` pops the stack,
+    then sends the status, which would wait out MLflow's retries once more when the
+    server is gone. This uses ``mlflow.tracking.fluent._active_run_stack`` instead, and
+    falls back on ``mlflow.end_run`` (errors logged) if that name goes away.
+    """
+    from mlflow.tracking import fluent
+
+    stack_variable = getattr(fluent, "_active_run_stack", None)
+    if stack_variable is None:
+        try:
+            mlflow.end_run()
+        except MlflowException as err:
+            log.debug("Leaving the active run %s: %s", run_id, redact_credentials(str(err)))
+        return
+    stack = stack_variable.get()
+    if stack and stack[-1].info.run_id == run_id:
+        stack.pop()
+        fluent._last_active_run_id.set(run_id)
+        MLFLOW_RUN_ID.unset()

@@ -1,8 +1,8 @@
 """Training against a real ``mlflow server`` on 127.0.0.1: artifacts, credentials, faults.
 
 The server keeps its store in SQLite and serves artifacts itself (``--serve-artifacts``),
-as a team server would. Faults are real too: a port with nothing listening, a socket
-that accepts but never responds, and a server stopped in the middle of a run.
+as a team server would. Faults are real too: a port with nothing listening, and a socket
+that accepts but never responds. tests/test_spool.py stops a server in the middle of a run.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from mlflow.environment_variables import (
 )
 from mlflow.tracking import MlflowClient
 
+from src import tracking
 from src.config import ConfigError
 from src.tracking import (
-    Tracker,
     TrackingServerError,
     connect_tracking,
     get_or_create_experiment,
@@ -41,7 +41,7 @@ from src.tracking import (
 )
 from src.train import JobInfo, train
 from tests.conftest import PROJECT_ROOT, TINY_OVERRIDES, compose_config
-from tests.mlflow_server import MlflowServer, free_port, running_mlflow_server
+from tests.mlflow_server import free_port, running_mlflow_server
 
 SECRET = "s3cret-pw"
 FAIL_FAST_BOUND_S = 15  # an unreachable server must end the job within this
@@ -58,11 +58,12 @@ HTTP_VARIABLES = (
 
 @pytest.fixture(autouse=True)
 def isolated_http_env(monkeypatch):
-    """Undo the MLflow variables that connect_tracking exports, after each test."""
+    """Undo the MLflow variables and spool settings that connect_tracking sets, after each test."""
     for variable in HTTP_VARIABLES:
         monkeypatch.setenv(variable.name, "0")
         monkeypatch.delenv(variable.name)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "_spool_settings", tracking._spool_settings)
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +200,26 @@ def test_server_option_rejects_local_store():
         ("tracking.http_request_timeout=0", "tracking.http_request_timeout"),
         ("tracking.health_check_timeout=0", "tracking.health_check_timeout"),
         ("tracking.http_request_backoff_factor=-1", "tracking.http_request_backoff_factor"),
+        ("tracking.health_check_timeout=inf", "tracking.health_check_timeout"),
+        ("tracking.spool_dir=''", "tracking.spool_dir"),
+        ("tracking.spool_retry_wait=0", "tracking.spool_retry_wait"),
+        ("tracking.spool_retry_wait=nan", "tracking.spool_retry_wait"),
+        ("tracking.spool_retry_max_wait=1", "tracking.spool_retry_max_wait"),
+        ("tracking.spool_final_timeout=-1", "tracking.spool_final_timeout"),
+        ("tracking.spool_final_timeout=inf", "tracking.spool_final_timeout"),
     ],
 )
 def test_tracking_config_rejects_out_of_range(override, key):
     with pytest.raises(ConfigError, match=key):
         connect_tracking(server_cfg("http://127.0.0.1:1", override).tracking)
+
+
+def test_spool_dir_must_be_writable(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    cfg = server_cfg("http://127.0.0.1:1", f"tracking.spool_dir={not_a_folder}/spool")
+    with pytest.raises(ConfigError, match=f"tracking.spool_dir=.*{not_a_folder} is not a folder"):
+        connect_tracking(cfg.tracking)
 
 
 def test_connect_exports_http_limits(server):
@@ -355,51 +371,3 @@ def test_concurrent_processes_create_experiment_once(server):
     assert len(set(ids)) == 1
     found = MlflowClient(server.uri).search_experiments(filter_string="name = 'stampede'")
     assert [e.experiment_id for e in found] == ids[:1]
-
-
-# --- A server that goes away in the middle of a run --------------------------------------
-
-
-@pytest.mark.slow
-def test_server_drop_keeps_sent_metrics(tmp_path, monkeypatch):
-    folder = tmp_path / "server"
-    server = MlflowServer(folder)
-    server.start()
-    sent_calls: list[list] = []
-    original = Tracker.log_metrics
-
-    def log_then_drop(self, metrics):
-        metrics = list(metrics)
-        if len(sent_calls) == 2:  # the third epoch: the server is gone
-            server.stop()
-        sent_calls.append(metrics)
-        original(self, metrics)
-
-    monkeypatch.setattr(Tracker, "log_metrics", log_then_drop)
-    cfg = server_cfg(server.uri, "trainer.epochs=3", "tracking.log_model=false")
-    try:
-        start = time.monotonic()
-        with pytest.raises(TrackingServerError) as info:
-            train(cfg)
-        elapsed = time.monotonic() - start
-    finally:
-        server.stop()
-    lost = len(sent_calls[2])
-    message = str(info.value)
-    assert server.uri in message
-    assert f"{lost} of the {lost} metric values of this batch" in message
-    assert f"up to step {max(m.step for m in sent_calls[2])}, were not sent" in message
-    # Two rounds of retries (the metrics, then marking the run FAILED) at 0, 2 and 4 s each.
-    assert elapsed < 60, f"took {elapsed:.1f} s"
-
-    # The same store behind a new server: every value sent before the drop is there.
-    with running_mlflow_server(folder) as again:
-        client = MlflowClient(again.uri)
-        run = only_run(client, cfg.tracking.experiment_name)
-        assert run.info.status == "RUNNING", "the run could not be marked, and is not FINISHED"
-        expected: dict[str, list[int]] = {}
-        for metric in sent_calls[0] + sent_calls[1]:
-            expected.setdefault(metric.key, []).append(metric.step)
-        for key, steps in expected.items():
-            history = client.get_metric_history(run.info.run_id, key)
-            assert sorted(m.step for m in history) == sorted(steps), key
