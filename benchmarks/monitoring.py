@@ -11,10 +11,21 @@ Every measurement runs on the same machine in the same invocation, repeated
 - pipeline: ``src.train.train`` with full monitoring into a temporary SQLite
   store, timed by its ``time/fit_seconds`` (first iteration to the end of the
   last epoch's logging);
+- pipeline with writer: the same, with a :class:`src.writer.MetricWriter`
+  attached to the run's tracker, so that a child process stores the metrics;
+  ``time/fit_seconds`` then also waits until the writer has stored every value;
+- CPU time: the training process's CPU seconds in the bare loop and in ``fit``,
+  and the writer process's. Other work on the machine inflates wall times
+  more than CPU times (70% against 15% in one run on 2 loaded cores), so CPU
+  times tell better what the wall times would be with a core free for the writer;
 - by hand: the same loop, logging the loss and each layer's mean gradient
   with one ``mlflow.log_metric`` call per value, and drawing each layer's
   histogram on the host every epoch;
-- the end-to-end reference sweep and each job's peak memory;
+- the end-to-end reference sweep and each job's peak memory: the peak resident
+  set of the job's process (its ``ru_maxrss``, started from a small launcher,
+  ``benchmarks/peak_memory.py``, because Linux counts the memory of the process
+  that forks a child into the child's ``ru_maxrss``), and the anonymous and
+  file-backed parts of its largest sample;
 - the monitoring overhead on an MLP of more than 10 million parameters;
 - a four-job sweep with Hydra's joblib launcher, two workers against one.
 """
@@ -22,10 +33,12 @@ Every measurement runs on the same machine in the same invocation, repeated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -109,30 +122,118 @@ def batches(data, batch_size: int, shuffle):
         yield data.train_inputs[idx], data.train_targets[idx]
 
 
+@dataclass
+class Timing:
+    """Seconds of one measured span."""
+
+    wall: float
+    cpu: float  # CPU time of this process in the span
+    child_cpu: float = 0.0  # CPU time of child processes that ended within the run
+
+
 def bare_loop(cfg) -> float:
     """Train as the pipeline does, recording nothing; return the loop's seconds."""
+    return bare_timing(cfg).wall
+
+
+def bare_timing(cfg) -> Timing:
+    """Train as the pipeline does, recording nothing; return the loop's wall and CPU time."""
     import torch.nn.functional as F
 
     data, model, optimizer, shuffle = setup(cfg)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(cfg.trainer.epochs):
         for inputs, targets in batches(data, cfg.trainer.batch_size, shuffle):
             loss = F.cross_entropy(model(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return time.perf_counter() - start
+    return Timing(time.perf_counter() - start, time.process_time() - cpu_start)
 
 
-def pipeline(cfg, store: Path) -> float:
+def pipeline(cfg, store: Path, writer: bool = False) -> float:
     """Train through ``src.train.train`` into a fresh store; return ``time/fit_seconds``."""
+    return pipeline_timing(cfg, store, writer).wall
+
+
+def pipeline_timing(cfg, store: Path, writer: bool = False) -> Timing:
+    """Train through ``src.train.train`` into a fresh store; return the training loop's times.
+
+    The wall time is ``time/fit_seconds``. With `writer`, a MetricWriter stores the
+    metrics from a child process, and the times also cover the wait until it has
+    stored them all; the child's CPU time is `child_cpu`.
+    """
+    import src.train
     from src.tracking import default_tracking_uri
-    from src.train import train
 
     store.mkdir(parents=True, exist_ok=True)
     cfg.tracking.uri = default_tracking_uri(store)
     cfg.tracking.log_model = False
-    return train(cfg)["time/fit_seconds"]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with contextlib.ExitStack() as stack:
+        if writer:
+            stack.enter_context(attached_writer(src.train))
+        fit_cpu = stack.enter_context(cpu_time_of_fit(src.train))
+        fit_seconds = src.train.train(cfg)["time/fit_seconds"]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return Timing(fit_seconds, fit_cpu[-1], child_cpu)
+
+
+@contextlib.contextmanager
+def cpu_time_of_fit(train_module):
+    """Yield a list that gets the CPU seconds of this process in each call of ``fit``."""
+    original_fit = train_module.fit
+    seconds: list[float] = []
+
+    def fit(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return original_fit(*args, **kwargs)
+        finally:
+            seconds.append(time.process_time() - start)
+
+    train_module.fit = fit
+    try:
+        yield seconds
+    finally:
+        train_module.fit = original_fit
+
+
+@contextlib.contextmanager
+def attached_writer(train_module):
+    """Give every run that `train_module` starts a MetricWriter, and flush it when fit ends.
+
+    This does in the benchmark what ``start_run`` would do with the writer wired in:
+    a writer for the run's tracker, a flush before the run ends, and a close.
+    """
+    from src.writer import MetricWriter
+
+    original_start_run, original_fit = train_module.start_run, train_module.fit
+    trackers = []  # the run being trained last
+
+    @contextlib.contextmanager
+    def start_run(*args, **kwargs):
+        with original_start_run(*args, **kwargs) as tracker:
+            tracker.writer = MetricWriter(tracker.tracking_uri, tracker.run_id)
+            trackers.append(tracker)
+            try:
+                yield tracker
+                tracker.flush()
+            finally:
+                if tracker.writer is not None:
+                    tracker.writer.close()
+
+    def fit(*args, **kwargs):
+        history = original_fit(*args, **kwargs)
+        trackers[-1].flush()
+        return history
+
+    train_module.start_run, train_module.fit = start_run, fit
+    try:
+        yield
+    finally:
+        train_module.start_run, train_module.fit = original_start_run, original_fit
 
 
 def by_hand(cfg, store: Path) -> float:
@@ -149,6 +250,10 @@ def by_hand(cfg, store: Path) -> float:
 
     store.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    client = mlflow.MlflowClient()
+    if client.get_experiment_by_name("by-hand") is None:
+        # Artifacts beside the temporary store, not in ./mlruns of the current folder.
+        client.create_experiment("by-hand", artifact_location=(store / "artifacts").as_uri())
     mlflow.set_experiment("by-hand")
     data, model, optimizer, shuffle = setup(cfg)
     layers = weight_layers(model)
@@ -176,17 +281,28 @@ def by_hand(cfg, store: Path) -> float:
         return time.perf_counter() - start
 
 
-def run_command(args: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Run a command; return its wall seconds and peak resident memory in bytes."""
+def run_command(args: list[str], env: dict | None = None) -> float:
+    """Run a command; return its wall seconds."""
     start = time.perf_counter()
-    process = subprocess.Popen(args, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)  # fmt: skip
-    _, status, usage = os.wait4(process.pid, 0)
+    result = subprocess.run(args, cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {process.stderr.read().decode()[-2000:]}")
-    process.stderr.close()
-    return seconds, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.decode()[-2000:]}")
+    return seconds
+
+
+def peak_memory(args: list[str], env: dict | None = None) -> dict:
+    """Run a command through ``peak_memory.py``; return its memory figures in bytes.
+
+    ``ru_maxrss`` of a child counts the memory of the process that forked it, so a
+    child of this large process would report at least this process's size.
+    The small launcher forks the command instead.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        launcher = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "peak_memory.py")]
+        run_command([*launcher, "--json", out.name, "--", *args], env)
+        return json.loads(Path(out.name).read_text())
 
 
 def clean_env() -> dict:
@@ -223,11 +339,18 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
     if "reference" in sections:
         # Alternate the variants in each repeat, so drift of a noisy machine hits all alike.
         for repeat in range(repeats):
-            cfg = compose(base)
-            row("bare, reference MLP").seconds.append(bare_loop(cfg))
-            row("pipeline, reference MLP").seconds.append(
-                pipeline(compose(base), workdir / f"pipeline-{repeat}")
+            bare = bare_timing(compose(base))
+            direct = pipeline_timing(compose(base), workdir / f"pipeline-{repeat}")
+            written = pipeline_timing(
+                compose(base), workdir / f"pipeline-writer-{repeat}", writer=True
             )
+            row("bare, reference MLP").seconds.append(bare.wall)
+            row("pipeline, reference MLP").seconds.append(direct.wall)
+            row("pipeline with writer, reference MLP").seconds.append(written.wall)
+            row("CPU time, bare, reference MLP").seconds.append(bare.cpu)
+            row("CPU time, pipeline, reference MLP").seconds.append(direct.cpu)
+            row("CPU time, pipeline with writer, reference MLP").seconds.append(written.cpu)
+            row("CPU time, writer process, reference MLP").seconds.append(written.child_cpu)
         hand_base = [
             f"trainer.epochs={size['hand_epochs']}",
             f"dataset.train_size={size['train_size']}",
@@ -250,6 +373,9 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
             row("pipeline, >10M-parameter MLP").seconds.append(
                 pipeline(compose(big), workdir / f"big-{repeat}")
             )
+            row("pipeline with writer, >10M-parameter MLP").seconds.append(
+                pipeline(compose(big), workdir / f"big-writer-{repeat}", writer=True)
+            )
 
     if "sweep" in sections:
         python = sys.executable
@@ -257,10 +383,9 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
         sweep_row = row("reference sweep relu,sigmoid, end to end")
         memory = {"relu": [], "sigmoid": []}
         for repeat in range(repeats):
-            seconds, _ = run_command([python, "-c", "import src.train"], clean_env())
-            start_row.seconds.append(seconds)
+            start_row.seconds.append(run_command([python, "-c", "import src.train"], clean_env()))
             store = workdir / f"sweep-{repeat}"
-            seconds, _ = run_command(
+            seconds = run_command(
                 [python, "-m", "src.train", "-m", "activation=relu,sigmoid", *base,
                  f"tracking.uri=sqlite:///{store}/mlflow.db", f"hydra.sweep.dir={store}/sweep"],
                 clean_env(),
@@ -268,16 +393,13 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
             sweep_row.seconds.append(seconds)
             for activation in memory:
                 job = workdir / f"job-{activation}-{repeat}"
-                _, peak = run_command(
+                memory[activation].append(peak_memory(
                     [python, "-m", "src.train", f"activation={activation}", *base,
                      f"tracking.uri=sqlite:///{job}/mlflow.db", f"hydra.run.dir={job}/run"],
                     clean_env(),
-                )  # fmt: skip
-                memory[activation].append(peak)
-        for activation, peaks in memory.items():
-            row(
-                f"peak memory, {activation} job"
-            ).note = f"{statistics.median(peaks) / 2**30:.2f} GiB"
+                ))  # fmt: skip
+        for activation, samples in memory.items():
+            row(f"peak memory, {activation} job").note = memory_note(samples)
 
         four = [
             f"trainer.epochs={size['sweep_epochs']}",
@@ -288,7 +410,7 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
         for repeat in range(repeats):
             for workers in (1, 2):
                 store = workdir / f"joblib-{workers}-{repeat}"
-                seconds, _ = run_command(
+                seconds = run_command(
                     [python, "-m", "src.train", "-m", "activation=relu,sigmoid,tanh,gelu", *four,
                      "hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}",
                      f"tracking.uri=sqlite:///{store}/mlflow.db", f"hydra.sweep.dir={store}/sweep"],
@@ -297,6 +419,14 @@ def measure(size: dict, repeats: int, workdir: Path, sections: set[str]) -> dict
                 row(f"four-job sweep, {workers} joblib worker(s)").seconds.append(seconds)
 
     return {"rows": rows}
+
+
+def memory_note(samples: list[dict]) -> str:
+    """Describe the median peak of several runs, with the split of the largest sample."""
+    peak = statistics.median(sample["ru_maxrss"] for sample in samples) / 2**30
+    anon = statistics.median(sample["anon_at_peak"] for sample in samples) / 2**30
+    file = statistics.median(sample["file_at_peak"] for sample in samples) / 2**30
+    return f"{peak:.2f} GiB ({anon:.2f} anonymous + {file:.2f} file-backed at the largest sample)"
 
 
 def ratio(rows: dict[str, Row], top: str, bottom: str) -> float:
@@ -311,8 +441,19 @@ def report(rows: dict[str, Row], size: dict, repeats: int) -> tuple[str, dict]:
     ratios = {
         "pipeline / bare, reference MLP": (
             ratio(rows, "pipeline, reference MLP", "bare, reference MLP"), "<= 1.05"),
+        "pipeline with writer / bare, reference MLP": (
+            ratio(rows, "pipeline with writer, reference MLP", "bare, reference MLP"), "<= 1.05"),
+        "CPU time of the training process: pipeline / bare, reference MLP": (
+            ratio(rows, "CPU time, pipeline, reference MLP", "CPU time, bare, reference MLP"),
+            ""),
+        "CPU time of the training process: pipeline with writer / bare, reference MLP": (
+            ratio(rows, "CPU time, pipeline with writer, reference MLP",
+                  "CPU time, bare, reference MLP"), ""),
         "pipeline / bare, >10M-parameter MLP": (
             ratio(rows, "pipeline, >10M-parameter MLP", "bare, >10M-parameter MLP"), "<= 1.03"),
+        "pipeline with writer / bare, >10M-parameter MLP": (
+            ratio(rows, "pipeline with writer, >10M-parameter MLP", "bare, >10M-parameter MLP"),
+            "<= 1.03"),
         f"pipeline / by hand, {hand} epochs": (
             ratio(rows, f"pipeline, {hand} epochs", f"by hand, {hand} epochs"), "<= 0.25"),
         "four-job sweep, 2 workers / 1 worker": (

@@ -369,6 +369,11 @@ def resolve_root(path: str) -> Path:
     return folder if folder.is_absolute() else PROJECT_ROOT / folder
 
 
+# The jobs of a sweep in one process (the default launcher) share their images. Callers
+# must not change the tensors in place.
+_cached_digits = functools.lru_cache(maxsize=4)(make_digits)
+
+
 def read_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
     """Generate or read the dataset that ``dataset_cfg.name`` names.
 
@@ -379,8 +384,8 @@ def read_dataset(dataset_cfg) -> tuple[Dataset, Dataset, int]:
     name = dataset_cfg.name
     if name == "digits":
         size = dataset_cfg.image_size
-        train = make_digits(dataset_cfg.train_size, dataset_cfg.train_seed, size)
-        test = make_digits(dataset_cfg.test_size, dataset_cfg.test_seed, size)
+        train = _cached_digits(dataset_cfg.train_size, dataset_cfg.train_seed, size)
+        test = _cached_digits(dataset_cfg.test_size, dataset_cfg.test_seed, size)
         return ImageTensorDataset(*train), ImageTensorDataset(*test), NUM_CLASSES
 
     if name == "uci_digits":

@@ -60,13 +60,13 @@ def log_divergence(tracker: Tracker, divergence) -> None:
 
 def log_dataset_samples(tracker: Tracker, data, count: int = 64) -> None:
     """Log a grid of the first `count` training images as ``figures/dataset_samples.png``."""
-    from src.data import plot_digit_grid
+    from src.plots import plot_image_grid
 
-    images = data.train_inputs[:count].cpu()
-    targets = data.train_targets[:count].cpu()
-    tracker.log_figure(
-        plot_digit_grid(images, targets, title="Training samples"), "figures/dataset_samples.png"
-    )
+    images = data.train_inputs[:count].cpu()  # [N, C, H, W]
+    targets = data.train_targets[:count].cpu().tolist()
+    pixels = images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)
+    figure = plot_image_grid(pixels.numpy(), targets, title="Training samples")
+    tracker.log_figure(figure, "figures/dataset_samples.png")
 
 
 def series(history: dict, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -127,9 +127,7 @@ def log_epoch_images(tracker: Tracker, histograms: HistogramHistory, title: str)
         symlog_threshold=threshold,
     )  # fmt: skip
     for epoch, image in frames:
-        tracker.client.log_image(
-            tracker.run_id, image, key="gradient_histograms", step=epoch, synchronous=True
-        )
+        tracker.log_image(image, key="gradient_histograms", step=epoch)
 
 
 def log_model(model: nn.Module, data, example_size: int = 4) -> None:

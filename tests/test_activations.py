@@ -66,3 +66,32 @@ def test_remove_detaches_hooks():
     model(torch.zeros(2, 2))
     assert monitor.drain(epoch=1) == []
     assert not model[1]._forward_hooks
+
+
+def test_saturated_count_matches_reference():
+    torch.manual_seed(0)
+    outputs = [torch.sigmoid(torch.randn(128, 64) * 4) for _ in range(3)]
+    model = nn.Sequential(nn.Identity(), nn.Sigmoid())
+    monitor = ActivationMonitor(model, saturation_eps=0.01)
+    expected = 0
+    for output in outputs:
+        logits = torch.logit(output)
+        model(logits)
+        expected += int(((torch.sigmoid(logits) - 0.5).abs() >= 0.49).sum())
+    (metric,) = monitor.drain(epoch=1)
+    assert metric.value == pytest.approx(expected / (3 * 128 * 64), abs=1e-4)
+
+
+def test_dead_channels_convolution():
+    # Channel 0 is active somewhere, channel 1 never: [B, C, H, W] outputs count per channel.
+    conv = nn.Conv2d(1, 2, kernel_size=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        conv.bias.zero_()
+    model = nn.Sequential(conv, nn.ReLU())
+    monitor = ActivationMonitor(model)
+    model(torch.rand(3, 1, 4, 4))
+    model(torch.rand(2, 1, 4, 4))
+    (metric,) = monitor.drain(epoch=1)
+    assert metric.key == "act_dead_frac/1"
+    assert metric.value == pytest.approx(0.5)

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from mpl_toolkits.mplot3d.art3d import Line3DCollection
 from mpl_toolkits.mplot3d.axes3d import Axes3D
 
 from src.plots import (
     plot_activations,
     plot_grad_means,
     plot_grad_stat_vs_depth,
+    plot_image_grid,
     plot_loss,
     plot_waterfall,
     plot_waterfalls_side_by_side,
@@ -41,6 +43,12 @@ def make_histograms(
 
 def axes_3d(fig: Figure) -> list[Axes3D]:
     return [ax for ax in fig.axes if isinstance(ax, Axes3D)]
+
+
+def waterfall_curves(ax: Axes3D) -> list[np.ndarray]:
+    """Return the (x, epoch, count) points of each curve that a waterfall panel draws."""
+    (collection,) = [c for c in ax.collections if isinstance(c, Line3DCollection)]
+    return [np.asarray(curve) for curve in collection._segments3d]
 
 
 def axes_2d(fig: Figure) -> list[Axes]:
@@ -128,7 +136,7 @@ def test_waterfall_one_curve_per_epoch(sigmoid_histograms) -> None:
     fig = plot_waterfall(edges, counts, LAYERS, epochs, "sigmoid")
 
     for ax in axes_3d(fig):
-        assert len(ax.lines) == EPOCHS
+        assert len(waterfall_curves(ax)) == EPOCHS
 
 
 def test_waterfall_axis_labels_and_colorbar(sigmoid_histograms) -> None:
@@ -195,7 +203,9 @@ def test_waterfall_degenerate_edges(tmp_path: Path) -> None:
     fig = plot_waterfall(edges, counts, ["fc1", "fc2"], epochs, "dead layer")
 
     panels = axes_3d(fig)
-    assert len(panels[0].lines) == EPOCHS
+    curves = waterfall_curves(panels[0])
+    assert len(curves) == EPOCHS
+    assert all(len(curve) == 2 for curve in curves)  # a stem per epoch of equal edges
     low, high = panels[0].get_xlim()
     assert low < 0.0 < high
     assert_png(save_figure(fig, tmp_path / "degenerate.png"))
@@ -219,7 +229,7 @@ def test_waterfall_single_epoch(tmp_path: Path) -> None:
     fig = plot_waterfall(edges, counts, LAYERS, epochs, "relu")
 
     panel = axes_3d(fig)[0]
-    assert len(panel.lines) == 1
+    assert len(waterfall_curves(panel)) == 1
     assert list(panel.get_yticks()) == [1]
     assert_png(save_figure(fig, tmp_path / "single_epoch.png"))
 
@@ -431,3 +441,46 @@ def test_stat_vs_depth_linear_keeps_values() -> None:
 def test_stat_vs_depth_rejects_wrong_length() -> None:
     with pytest.raises(ValueError, match="one value per layer"):
         plot_grad_stat_vs_depth({"short": np.ones(3)}, LAYERS, "std", "Gradient std")
+
+
+def test_image_grid_one_picture_with_labels(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).random((5, 28, 28))
+
+    fig = plot_image_grid(images, ["1", "2", "3", "4", "5"], rows=2, cols=3, title="Samples")
+
+    (ax,) = fig.axes
+    (picture,) = ax.get_images()
+    assert picture.get_array().shape == (2 * (28 + 14), 3 * (28 + 5))
+    assert [text.get_text() for text in ax.texts] == ["1", "2", "3", "4", "5"]
+    assert fig.get_suptitle() == "Samples"
+    assert_png(save_figure(fig, tmp_path / "grid.png"))
+
+
+def test_image_grid_places_images_in_cells() -> None:
+    images = np.zeros((2, 4, 4))
+    images[1] = 0.5
+
+    fig = plot_image_grid(images, [0, 1], rows=1, cols=3)
+
+    canvas = fig.axes[0].get_images()[0].get_array()
+    # 4x4 tiles under a 2-pixel label band, 1-pixel gutters: columns 0, 5 and 10 start gutters.
+    assert np.all(canvas[2:6, 0:4] == 0.0)
+    assert np.all(canvas[2:6, 5:9] == 0.5)
+    assert np.all(canvas[:, 10:] == 1.0)  # the blank third cell
+
+
+def test_image_grid_colour_and_clipping() -> None:
+    images = np.full((1, 8, 8, 3), 2.0)
+
+    fig = plot_image_grid(images, ["x"], rows=1, cols=1)
+
+    canvas = fig.axes[0].get_images()[0].get_array()
+    assert canvas.shape == (12, 9, 3)
+    assert canvas.max() == 1.0
+
+
+def test_image_grid_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="expected \\[N, H, W\\]"):
+        plot_image_grid(np.zeros((2, 1, 8, 8)), ["a", "b"])
+    with pytest.raises(ValueError, match="got 1 labels for 2 images"):
+        plot_image_grid(np.zeros((2, 8, 8)), ["a"])
