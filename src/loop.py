@@ -6,17 +6,17 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from src.activations import ActivationMonitor
+from src.checkpoint import TrainState
+from src.config import check_batch_norm_batches
 from src.gradients import EpochRecord, GradientMonitor, Metric
 from src.health import Thresholds, Verdict, epoch_profile, judge, profile_columns
 from src.splits import EVAL_BATCH_SIZE, DatasetSplits, Split
-from src.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,6 @@ class Divergence(RuntimeError):
         self.step = step
         self.reason = reason
         self.nonfinite_counts = nonfinite_counts  # tensor name -> non-finite entries at `step`
-
-
-@dataclass
-class History:
-    """Host copies of every logged metric and each epoch's gradient-health verdict."""
-
-    metrics: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-    verdicts: list[Verdict] = field(default_factory=list)
-
-    def add(self, metrics: list[Metric]) -> None:
-        for metric in metrics:
-            steps, values = self.metrics.setdefault(metric.key, ([], []))
-            steps.append(metric.step)
-            values.append(metric.value)
-
-    def last(self) -> dict[str, float]:
-        return {key: values[-1] for key, (_, values) in self.metrics.items()}
 
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs [B, C, H, W], targets [B])
@@ -119,18 +102,14 @@ def _loader_source(loader: Iterable, device: torch.device) -> Callable[[], Itera
 
 
 def check_last_batch(model: nn.Module, num_train: int, batch_size: int) -> None:
-    """Raise ValueError when batch norm would meet a last mini-batch of a single image.
+    """Raise ConfigError when a BatchNorm1d layer would meet a mini-batch of a single image.
 
-    The loop keeps the last partial batch, and batch norm cannot normalise one sample
-    in training mode.
+    ``validate`` rejects such a batch size before any work wherever the config gives the
+    training-set size, and this guard covers the rest (an image folder). BatchNorm2d
+    sees at least 2x2 positions a channel, so one image is enough for it.
     """
-    has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if has_batch_norm and batch_size > 1 and num_train % batch_size == 1:
-        raise ValueError(
-            f"Invalid config value trainer.batch_size={batch_size}: the {num_train} training "
-            "images leave a last mini-batch of one image, which batch norm cannot normalise. "
-            "Choose another batch size or dataset.val_fraction."
-        )
+    if any(isinstance(module, nn.BatchNorm1d) for module in model.modules()):
+        check_batch_norm_batches(num_train, batch_size)
 
 
 def health_metrics(verdict: Verdict, layers: list[str], epoch: int, now_ms: int) -> list[Metric]:
@@ -163,46 +142,56 @@ def fit(
     optimizer: torch.optim.Optimizer,
     data: DatasetSplits,
     monitor: GradientMonitor,
-    tracker: Tracker,
+    tracker,
     trainer_cfg,
     seed: int,
     thresholds: Thresholds,
     activation_monitor: ActivationMonitor | None = None,
-) -> History:
-    """Run the training loop and return what it recorded; raise Divergence on NaN/Inf.
+    state: TrainState | None = None,
+    on_epoch_end: Callable[[TrainState], None] | None = None,
+) -> TrainState:
+    """Run the training loop from `state` (a new one by default) and return where it ended.
 
     Both data paths (device tensors, or a DataLoader) give the same iterations, the
     same monitoring and the same metrics: per iteration ``train/loss`` and the
     gradient statistics, per epoch the accuracies, ``val/*``, ``test/*`` and health.
+    `tracker` needs only ``log_metrics``. After each epoch's metrics are sent, `state`
+    is updated and `on_epoch_end` called (the checkpoint). When the loop stops early
+    (Ctrl-C, SIGTERM, an error), the values recorded in the unfinished epoch are sent
+    before the exception propagates. Raises Divergence on NaN/Inf.
     """
     num_train = len(data.train)
     batch_size = trainer_cfg.batch_size
     iters_per_epoch = math.ceil(num_train / batch_size)
     check_last_batch(model, num_train, batch_size)
     device = next(model.parameters()).device
-    shuffle = torch.Generator().manual_seed(seed)  # own stream: reshuffles leave the global RNG
-    batches = batch_sources(data, batch_size, shuffle, seed, device)
-    history = History()
-    global_step = 0
+    state = state or TrainState.new(seed)
+    batches = batch_sources(data, batch_size, state.shuffle, seed, device)
+    history = state.history
+    global_step = state.global_step
     columns, source = profile_columns(monitor.names, monitor.layers)
 
-    for epoch in range(1, trainer_cfg.epochs + 1):
+    for epoch in range(state.epoch + 1, trainer_cfg.epochs + 1):
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
 
-        for i, (inputs, targets) in enumerate(batches["train"]()):  # [B, C, H, W], [B]
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
+        try:
+            for i, (inputs, targets) in enumerate(batches["train"]()):  # [B, C, H, W], [B]
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, targets)
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            global_step += 1
-            monitor.record(loss, global_step, epoch, last_in_epoch=i == iters_per_epoch - 1)
-            optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                global_step += 1
+                monitor.record(loss, global_step, epoch, last_in_epoch=i == iters_per_epoch - 1)
+                optimizer.step()
 
-            loss_sum += loss.detach() * len(targets)
-            correct += (logits.argmax(dim=1) == targets).sum()
+                loss_sum += loss.detach() * len(targets)
+                correct += (logits.argmax(dim=1) == targets).sum()
+        except BaseException:
+            flush_partial_epoch(monitor, tracker, epoch)
+            raise
 
         # Once an epoch: the recorded values go to the host, then to MLflow in batches.
         record = monitor.drain(epoch)
@@ -241,4 +230,21 @@ def fit(
             test_acc.item(), verdict.network if verdict else "no statistics", seconds,
         )  # fmt: skip
         check_finite(record, monitor.names)
-    return history
+        state.epoch, state.global_step = epoch, global_step
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    return state
+
+
+def flush_partial_epoch(monitor: GradientMonitor, tracker, epoch: int) -> None:
+    """Send what `monitor` recorded in an epoch that did not finish; log, never raise, a failure.
+
+    Called while another exception propagates, which must stay the one the caller sees.
+    """
+    try:
+        metrics = monitor.drain(epoch).metrics
+        if metrics:
+            tracker.log_metrics(metrics)
+            log.info("Sent the %d values recorded in unfinished epoch %d", len(metrics), epoch)
+    except Exception as err:
+        log.error("Could not send the values recorded in unfinished epoch %d: %s", epoch, err)

@@ -18,23 +18,48 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src import reports
 from src.activations import ActivationMonitor
-from src.config import ConfigError, register_schemas, validate
+from src.checkpoint import (
+    Checkpointer,
+    History,
+    SkipLogged,
+    TrainState,
+    check_run_to_resume,
+    histograms_state,
+    load_histograms_state,
+    logged_steps,
+    missing_from_store,
+    process_tags,
+    restore_rng,
+    rng_state,
+    validate_checkpoint,
+)
+from src.config import (
+    UserError,
+    exit_on_bad_override,
+    full_error_requested,
+    register_schemas,
+    validate,
+)
 from src.data import load_dataset
-from src.datasets import DatasetError
 from src.gradients import GradientMonitor, Metric
 from src.health import Thresholds, judge_run
 from src.loop import Divergence, fit
 from src.models import build_model, weight_layers
 from src.sweep import job_run_name, read_parent_run, record_job_failure
 from src.tracking import (
+    PROJECT_ROOT,
     Tracker,
     connect_tracking,
     flatten_params,
+    is_connection_error,
+    redact_credentials,
+    redact_uri,
     resolve_tracking_uri,
     run_environment_tags,
     start_run,
@@ -67,13 +92,46 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
-    """Train the configured variant, log everything to MLflow, and return the final metrics."""
+    """Train the configured variant, log everything to MLflow, and return the final metrics.
+
+    With ``checkpoint.resume=true``, or when its scheduler requeued the job, the job
+    continues from its variant's last checkpoint into the same MLflow run.
+    """
     validate(cfg)
+    validate_checkpoint(cfg)
     tracking_uri = connect_tracking(cfg.tracking)  # a wrong server fails here, in seconds
     job = job or JobInfo()
     device = resolve_device(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     torch.manual_seed(cfg.seed)
+
+    checkpointer = Checkpointer(cfg, job.run_name, PROJECT_ROOT, job.output_dir)
+    checkpointer.acquire()
+    try:
+        return _train(cfg, job, tracking_uri, device, checkpointer)
+    finally:
+        checkpointer.release()
+
+
+def _train(
+    cfg: DictConfig,
+    job: JobInfo,
+    tracking_uri: str,
+    device: torch.device,
+    checkpointer: Checkpointer,
+) -> dict[str, float]:
+    payload = checkpointer.load_for_resume(tracking_uri, device)
+    if payload is not None:
+        client = MlflowClient(tracking_uri)
+        status = check_run_to_resume(client, payload, checkpointer.path)
+        if status == "FINISHED":
+            log.info(
+                "Run %s of %s finished already (checkpoint %s): nothing to resume",
+                payload["run_id"], job.run_name, checkpointer.path,
+            )  # fmt: skip
+            if job.parent_run_id:  # it belongs to the sweep that asked for it now
+                client.set_tag(payload["run_id"], "mlflow.parentRunId", job.parent_run_id)
+            return dict(client.get_run(payload["run_id"]).data.metrics)
 
     # Data: device tensors batched by index, or a DataLoader when too large for that.
     data = load_dataset(cfg.dataset, device)
@@ -86,17 +144,59 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
     iters_per_epoch = math.ceil(len(data.train) / cfg.trainer.batch_size)
     monitor = build_monitor(model, cfg.monitor, iters_per_epoch)
     thresholds = Thresholds(**cfg.health)
+    state = TrainState.new(cfg.seed)
+    if payload is not None:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        load_histograms_state(monitor.histograms, payload["histograms"])
+        state.epoch, state.global_step = payload["epoch"], payload["global_step"]
+        state.history = History.from_state_dict(payload["history"])
+        state.fit_seconds = payload["fit_seconds"]
+        restore_rng(payload["rng"], state.shuffle)
 
-    tags = {"activation": cfg.activation.name, **run_environment_tags(device, cfg.seed)}
+    tags = {
+        "activation": cfg.activation.name,
+        **run_environment_tags(device, cfg.seed),
+        **process_tags(),
+        "checkpoint.dir": str(checkpointer.folder),
+    }
+    run_id = payload["run_id"] if payload is not None else None
     with start_run(
-        tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id
+        tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id, run_id,
+        metric_writer=use_metric_writer(cfg),
     ) as tracker:
         activation_monitor = None
+        attempt = 1 + int(payload["attempt"]) if payload is not None else 1
+        logged: dict[str, int] = {}
         try:
-            # Config and inputs first, so that a failed run still shows what it ran.
-            tracker.log_params(flatten_params(cfg))
-            log_config(tracker, cfg, job)
-            reports.log_dataset_samples(tracker, data.preview())
+            if payload is None:
+                # Config and inputs first, so that a failed run still shows what it ran.
+                tracker.log_params(flatten_params(cfg))
+                log_config(tracker, cfg, job)
+                reports.log_dataset_samples(tracker, data.preview())
+            else:
+                # Reopening the run sent what an earlier attempt spooled, if the server
+                # takes it now; what it still holds counts as sent too.
+                logged = logged_steps(tracker.client, run_id)
+                for key, step in tracker.spooled_metric_steps().items():
+                    logged[key] = max(step, logged.get(key, step))
+                missing = missing_from_store(state.history, logged, int(time.time() * 1000))
+                if missing:
+                    log.warning(
+                        "The store lacked %d values of the epochs up to %d; sent them from the "
+                        "checkpoint", len(missing), state.epoch,
+                    )  # fmt: skip
+                    tracker.log_metrics(missing)
+                    for metric in missing:
+                        logged[metric.key] = max(metric.step, logged.get(metric.key, -1))
+                resumed = {**tags, "resume.attempts": attempt, "resume.from_epoch": state.epoch}
+                if job.parent_run_id:
+                    resumed["mlflow.parentRunId"] = job.parent_run_id
+                tracker.set_tags(resumed)
+                log.info(
+                    "Resuming run %s from epoch %d (checkpoint %s), attempt %d",
+                    run_id, state.epoch, checkpointer.path, attempt,
+                )  # fmt: skip
 
             log.info(
                 "Training %s on %s: %d epochs of %d iterations",
@@ -105,15 +205,31 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             if cfg.monitor.activations:
                 activation_monitor = ActivationMonitor(model, cfg.monitor.saturation_eps)
             fit_start = time.perf_counter()
-            history = fit(
-                model, optimizer, data, monitor, tracker, cfg.trainer, cfg.seed,
-                thresholds, activation_monitor,
+            earlier_seconds = state.fit_seconds
+
+            def save_checkpoint(state: TrainState) -> None:
+                state.fit_seconds = earlier_seconds + time.perf_counter() - fit_start
+                if checkpointer.due(state.epoch):
+                    checkpointer.save(
+                        checkpoint_payload(
+                            model, optimizer, monitor, state, tracker.run_id, tracking_uri,
+                            attempt,
+                        )  # fmt: skip
+                    )
+
+            sink = SkipLogged(tracker, logged)
+            fit(
+                model, optimizer, data, monitor, sink, cfg.trainer, cfg.seed,
+                thresholds, activation_monitor, state, save_checkpoint,
             )  # fmt: skip
-            # From the first iteration to the end of the last epoch's logging.
-            fit_seconds = time.perf_counter() - fit_start
+            history = state.history
+            tracker.flush()  # the metric writer may still be storing the last epochs
+            # From the first iteration to the end of the last epoch's logging, over attempts.
+            fit_seconds = earlier_seconds + time.perf_counter() - fit_start
             timing = [Metric("time/fit_seconds", fit_seconds, 0, int(time.time() * 1000))]
-            tracker.log_metrics(timing)
-            history.add(timing)
+            sink.log_metrics(timing)
+            if "time/fit_seconds" not in history.metrics:
+                history.add(timing)
 
             # The verdict over the whole run, figures from the recorded data, the model.
             verdict = judge_run(monitor.layers, history.verdicts, thresholds)
@@ -124,7 +240,7 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             if cfg.monitor.epoch_images:
                 reports.log_epoch_images(tracker, monitor.histograms, job.run_name)
             if cfg.tracking.log_model:
-                reports.log_model(model, data.preview())
+                log_model(tracker, model, data, checkpointer)
         except Divergence as err:
             reports.log_divergence(tracker, err)
             log.error("Run %s diverged: %s", job.run_name, err.reason)
@@ -136,9 +252,75 @@ def train(cfg: DictConfig, job: JobInfo | None = None) -> dict[str, float]:
             if activation_monitor is not None:
                 activation_monitor.remove()
             reports.log_histograms(tracker, monitor.histograms)
-            log_job_log(tracker, job)
+            log_job_log(tracker, job, attempt)
 
     return history.last()
+
+
+def log_model(tracker: Tracker, model: nn.Module, data, checkpointer: Checkpointer) -> None:
+    """Log the trained model; a server that went away costs the model, not the run.
+
+    ``mlflow.pytorch`` uploads the model itself, past the tracker's spool. When the upload
+    fails on the connection, the run goes on to end with the tag ``model.logged=false``,
+    and the log names the checkpoint that keeps the weights.
+    """
+    try:
+        reports.log_model(model, data.preview())
+    except Exception as err:
+        if not is_connection_error(err):
+            raise
+        where = checkpointer.path if checkpointer.every else "no checkpoint (checkpoint.every=0)"
+        log.error(
+            "The trained model was not uploaded to %s: %s. Its weights are in %s",
+            redact_uri(tracker.tracking_uri), redact_credentials(str(err)), where,
+        )  # fmt: skip
+        tracker.set_tags({"model.logged": "false"})
+
+
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def use_metric_writer(cfg: DictConfig) -> bool:
+    """Decide whether a SQLite store gets its metrics through a child process.
+
+    ``tracking.metric_writer`` decides when set. Otherwise the child runs where it gets a
+    core of its own: under Hydra's default launcher (one job at a time) or outside Hydra,
+    with trainer.num_threads below the cores. Parallel launchers size their jobs to fill
+    the cores, and there the child's work would slow training down.
+    """
+    if cfg.tracking.metric_writer is not None:
+        return bool(cfg.tracking.metric_writer)
+    from joblib import cpu_count
+
+    if HydraConfig.initialized():
+        if HydraConfig.get().launcher.get("_target_", "") != BASIC_LAUNCHER:
+            return False
+    return cfg.trainer.num_threads < cpu_count()
+
+
+def checkpoint_payload(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    monitor: GradientMonitor,
+    state: TrainState,
+    run_id: str,
+    tracking_uri: str,
+    attempt: int,
+) -> dict:
+    """Return what a checkpoint holds after an epoch: enough to continue as if never stopped."""
+    return {
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "attempt": attempt,
+        "epoch": state.epoch,
+        "global_step": state.global_step,
+        "fit_seconds": state.fit_seconds,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(state.shuffle),
+        "histograms": histograms_state(monitor.histograms),
+        "history": state.history.state_dict(),
+    }
 
 
 def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> GradientMonitor:
@@ -179,20 +361,25 @@ def log_config(tracker: Tracker, cfg: DictConfig, job: JobInfo) -> None:
         tracker.log_dir(job.output_dir / ".hydra", "config/hydra")
 
 
-def log_job_log(tracker: Tracker, job: JobInfo) -> None:
-    """Log the job's log file, written by Hydra's job logging, as ``logs/<name>.log``."""
+def log_job_log(tracker: Tracker, job: JobInfo, attempt: int = 1) -> None:
+    """Log the job's log file, written by Hydra's job logging, as ``logs/<name>.log``.
+
+    A resumed job's later attempts go to ``logs/attempt-<n>/``, beside the first's.
+    """
     if job.output_dir is None:
         return
     for handler in logging.getLogger().handlers:
         handler.flush()
+    folder = "logs" if attempt == 1 else f"logs/attempt-{attempt}"
     for path in sorted(job.output_dir.glob("*.log")):
-        tracker.log_file(path, "logs")
+        tracker.log_file(path, folder)
 
 
 def _interrupt(signum: int, frame) -> None:
     raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
 
 
+@exit_on_bad_override
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # A scheduler stops jobs with SIGTERM: treat it as Ctrl-C, so the run ends KILLED.
@@ -201,7 +388,19 @@ def main(cfg: DictConfig) -> float | None:
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
         job = JobInfo(job_run_name(overrides, None), overrides, Path(hydra_cfg.runtime.output_dir))
-        return train(cfg, job)["test/accuracy"]
+        try:
+            return train(cfg, job)["test/accuracy"]
+        except (UserError, Divergence, KeyboardInterrupt) as err:
+            # The log says what happened, and a traceback would bury it. Hydra prints one
+            # for any exception, so exit instead, unless HYDRA_FULL_ERROR=1 requests it.
+            if full_error_requested():
+                raise
+            if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM raised as one
+                log.error("Run %s interrupted: %s", job.run_name, str(err) or "Ctrl-C")
+                raise SystemExit(130) from None
+            if isinstance(err, UserError):  # train() has logged a divergence already
+                log.error("%s", err)
+            raise SystemExit(1) from None
 
     parent = read_parent_run(hydra_cfg, resolve_tracking_uri(cfg.tracking.uri))
     job = JobInfo(
@@ -215,7 +414,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         return train(cfg, job)["test/accuracy"]
     except Exception as err:
-        if isinstance(err, (ConfigError, DatasetError)):  # the message is complete
+        if isinstance(err, UserError):  # the message is complete
             log.error("Job %s failed: %s", job.run_name, err)
         elif not isinstance(err, Divergence):  # train() has logged a divergence already
             log.exception("Job %s failed", job.run_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -46,6 +47,19 @@ def tiny_cfg(tracking_uri) -> DictConfig:
     cfg = compose_config(TINY_OVERRIDES)
     cfg.tracking.uri = tracking_uri
     return cfg
+
+
+@pytest.fixture(autouse=True, scope="session")
+def checkpoint_dir(tmp_path_factory):
+    """Keep every test's checkpoints, in-process and in subprocesses, out of the project."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    previous = os.environ.get("VG_CHECKPOINT_DIR")
+    os.environ["VG_CHECKPOINT_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("VG_CHECKPOINT_DIR", None)
+    else:
+        os.environ["VG_CHECKPOINT_DIR"] = previous
 
 
 @pytest.fixture(autouse=True)
