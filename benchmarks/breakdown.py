@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from monitoring import (  # noqa: E402
     FULL,
     TINY,
-    attached_writer,
     bare_loop,
     clean_env,
     compose,
@@ -280,11 +279,10 @@ def run_jobs(
     store.mkdir(parents=True)
     uri = default_tracking_uri(store)
     overrides = [f"trainer.epochs={size['epochs']}", f"dataset.train_size={size['train_size']}",
-                 f"tracking.uri={uri}", f"tracking.log_model={str(log_model).lower()}"]  # fmt: skip
+                 f"tracking.uri={uri}", f"tracking.log_model={str(log_model).lower()}",
+                 f"tracking.metric_writer={str(writer).lower()}"]  # fmt: skip
     jobs = {}
     stack = contextlib.ExitStack()
-    if writer:
-        stack.enter_context(attached_writer(src.train))
     try:
         with timer.phase("store creation (first client, schema)"):
             client = MlflowClient(uri)

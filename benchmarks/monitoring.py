@@ -9,11 +9,12 @@ Every measurement runs on the same machine in the same invocation, repeated
 - bare: the reference training loop with nothing recorded (same data, model,
   optimizer, seed and thread count as the pipeline);
 - pipeline: ``src.train.train`` with full monitoring into a temporary SQLite
-  store, timed by its ``time/fit_seconds`` (first iteration to the end of the
-  last epoch's logging);
-- pipeline with writer: the same, with a :class:`src.writer.MetricWriter`
-  attached to the run's tracker, so that a child process stores the metrics;
-  ``time/fit_seconds`` then also waits until the writer has stored every value;
+  store, with ``tracking.metric_writer=false``, timed by its ``time/fit_seconds``
+  (first iteration to the end of the last epoch's logging);
+- pipeline with writer: the same with ``tracking.metric_writer=true``, the
+  default on a machine with a core free for it, so that a child process stores
+  the metrics; ``time/fit_seconds`` then also waits until the writer has stored
+  every value;
 - CPU time: the training process's CPU seconds in the bare loop and in ``fit``,
   and the writer process's. Other work on the machine inflates wall times
   more than CPU times (70% against 15% in one run on 2 loaded cores), so CPU
@@ -169,11 +170,9 @@ def pipeline_timing(cfg, store: Path, writer: bool = False) -> Timing:
     store.mkdir(parents=True, exist_ok=True)
     cfg.tracking.uri = default_tracking_uri(store)
     cfg.tracking.log_model = False
+    cfg.tracking.metric_writer = writer
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with contextlib.ExitStack() as stack:
-        if writer:
-            stack.enter_context(attached_writer(src.train))
-        fit_cpu = stack.enter_context(cpu_time_of_fit(src.train))
+    with cpu_time_of_fit(src.train) as fit_cpu:
         fit_seconds = src.train.train(cfg)["time/fit_seconds"]
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     child_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
@@ -198,42 +197,6 @@ def cpu_time_of_fit(train_module):
         yield seconds
     finally:
         train_module.fit = original_fit
-
-
-@contextlib.contextmanager
-def attached_writer(train_module):
-    """Give every run that `train_module` starts a MetricWriter, and flush it when fit ends.
-
-    This does in the benchmark what ``start_run`` would do with the writer wired in:
-    a writer for the run's tracker, a flush before the run ends, and a close.
-    """
-    from src.writer import MetricWriter
-
-    original_start_run, original_fit = train_module.start_run, train_module.fit
-    trackers = []  # the run being trained last
-
-    @contextlib.contextmanager
-    def start_run(*args, **kwargs):
-        with original_start_run(*args, **kwargs) as tracker:
-            tracker.writer = MetricWriter(tracker.tracking_uri, tracker.run_id)
-            trackers.append(tracker)
-            try:
-                yield tracker
-                tracker.flush()
-            finally:
-                if tracker.writer is not None:
-                    tracker.writer.close()
-
-    def fit(*args, **kwargs):
-        history = original_fit(*args, **kwargs)
-        trackers[-1].flush()
-        return history
-
-    train_module.start_run, train_module.fit = start_run, fit
-    try:
-        yield
-    finally:
-        train_module.start_run, train_module.fit = original_start_run, original_fit
 
 
 def by_hand(cfg, store: Path) -> float:

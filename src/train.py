@@ -40,6 +40,7 @@ from src.checkpoint import (
     validate_checkpoint,
 )
 from src.config import (
+    ConfigError,
     UserError,
     exit_on_bad_override,
     full_error_requested,
@@ -49,7 +50,7 @@ from src.config import (
 from src.data import load_dataset
 from src.gradients import GradientMonitor, Metric
 from src.health import Thresholds, judge_run
-from src.loop import Divergence, fit
+from src.loop import Divergence, check_last_batch, fit
 from src.models import build_model, weight_layers
 from src.sweep import job_run_name, read_parent_run, record_job_failure
 from src.tracking import (
@@ -85,8 +86,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"trainer.device={name!r} but CUDA is not available; use trainer.device=auto."
+        raise ConfigError(
+            f"Invalid config value trainer.device={name!r}: CUDA is not available on this "
+            "machine. Use trainer.device=auto or cpu."
         )
     return device
 
@@ -142,6 +144,8 @@ def _train(
     ).to(device)
     optimizer = instantiate(cfg.optimizer)(params=model.parameters())
     iters_per_epoch = math.ceil(len(data.train) / cfg.trainer.batch_size)
+    # Image folders give their size only once read: check before a run exists.
+    check_last_batch(model, len(data.train), cfg.trainer.batch_size)
     monitor = build_monitor(model, cfg.monitor, iters_per_epoch)
     thresholds = Thresholds(**cfg.health)
     state = TrainState.new(cfg.seed)
