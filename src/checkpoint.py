@@ -9,7 +9,7 @@ command therefore finds the same folder on any machine that shares the disk. It 
   host copy of every logged metric, the epoch and global step, the MLflow run id.
   It is written to a temporary file and renamed, so a crash leaves the previous one
   whole, and it loads with ``torch.load(..., weights_only=True)``.
-- ``lock``: the process training that variant holds a ``flock`` on it, so two
+- ``lock``: the process training that variant takes a ``flock`` on it, so two
   processes never resume the same run. The kernel drops the lock when a process
   dies, even by SIGKILL.
 
@@ -92,6 +92,10 @@ class History:
 
     metrics: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     verdicts: list[Verdict] = field(default_factory=list)
+    # Arrays of the values that state_dict converted already; the lists only grow.
+    _converted: dict[str, tuple[np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def add(self, metrics: list[Metric]) -> None:
         for metric in metrics:
@@ -103,17 +107,25 @@ class History:
         return {key: values[-1] for key, (_, values) in self.metrics.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the history as tensors and plain types, loadable with ``weights_only=True``."""
+        """Return the history as tensors and plain types, loadable with ``weights_only=True``.
+
+        Values converted by an earlier call are reused, so a call costs about the values
+        added since, not the whole history.
+        """
         return {
-            "metrics": {
-                key: (
-                    torch.from_numpy(np.array(steps, dtype=np.int64)),
-                    torch.from_numpy(np.array(values, dtype=np.float64)),
-                )
-                for key, (steps, values) in self.metrics.items()
-            },  # fmt: skip
+            "metrics": {key: self._arrays(key) for key in self.metrics},
             "verdicts": [_verdict_state(v) for v in self.verdicts],
         }
+
+    def _arrays(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        steps, values = self.metrics[key]
+        done_steps, done_values = self._converted.get(key, (np.zeros(0, np.int64), np.zeros(0)))
+        done = len(done_steps)
+        if done < len(steps):
+            done_steps = np.concatenate([done_steps, np.array(steps[done:], dtype=np.int64)])
+            done_values = np.concatenate([done_values, np.array(values[done:], dtype=np.float64)])
+            self._converted[key] = (done_steps, done_values)
+        return torch.from_numpy(done_steps), torch.from_numpy(done_values)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> History:

@@ -585,8 +585,13 @@ class Tracker:
         self._send(
             "image",
             partial(
-                self.client.log_image, self.run_id, image, key=key, step=step,
-                timestamp=timestamp, synchronous=True,
+                self.client.log_image,
+                self.run_id,
+                image,
+                key=key,
+                step=step,
+                timestamp=timestamp,
+                synchronous=True,
             ),  # fmt: skip
             partial(dict, key=key, step=step, timestamp=timestamp),
             lambda target: mlflow.Image(image).save(str(target / IMAGE_FILE)),

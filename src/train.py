@@ -166,7 +166,12 @@ def _train(
     }
     run_id = payload["run_id"] if payload is not None else None
     with start_run(
-        tracking_uri, cfg.tracking.experiment_name, job.run_name, tags, job.parent_run_id, run_id,
+        tracking_uri,
+        cfg.tracking.experiment_name,
+        job.run_name,
+        tags,
+        job.parent_run_id,
+        run_id,
         metric_writer=use_metric_writer(cfg),
     ) as tracker:
         activation_monitor = None
@@ -180,7 +185,7 @@ def _train(
                 reports.log_dataset_samples(tracker, data.preview())
             else:
                 # Reopening the run sent what an earlier attempt spooled, if the server
-                # takes it now; what it still holds counts as sent too.
+                # takes it now. What the spool still contains counts as sent too.
                 logged = logged_steps(tracker.client, run_id)
                 for key, step in tracker.spooled_metric_steps().items():
                     logged[key] = max(step, logged.get(key, step))
@@ -216,7 +221,12 @@ def _train(
                 if checkpointer.due(state.epoch):
                     checkpointer.save(
                         checkpoint_payload(
-                            model, optimizer, monitor, state, tracker.run_id, tracking_uri,
+                            model,
+                            optimizer,
+                            monitor,
+                            state,
+                            tracker.run_id,
+                            tracking_uri,
                             attempt,
                         )  # fmt: skip
                     )
@@ -311,7 +321,7 @@ def checkpoint_payload(
     tracking_uri: str,
     attempt: int,
 ) -> dict:
-    """Return what a checkpoint holds after an epoch: enough to continue as if never stopped."""
+    """Return the contents of an end-of-epoch checkpoint: enough to go on as if never stopped."""
     return {
         "run_id": run_id,
         "tracking_uri": tracking_uri,

@@ -119,7 +119,8 @@ def test_checkpoint_written_each_epoch_and_loads_weights_only(tmp_path):
     folder = ckpt.checkpoint_dir(cfg, "defaults", PROJECT_ROOT)
     payload = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
     # every=4 over 6 epochs: written after epoch 4, and after the last one.
-    assert payload["epoch"] == 6 and payload["global_step"] == 30
+    assert payload["epoch"] == 6
+    assert payload["global_step"] == 30
     _, run = only_run(cfg.tracking.uri)
     assert payload["run_id"] == run.info.run_id
     assert set(payload["model"]) == set(
@@ -128,7 +129,7 @@ def test_checkpoint_written_each_epoch_and_loads_weights_only(tmp_path):
     assert payload["optimizer"]["state"]  # Adam's moments
     assert len(payload["histograms"]["epochs"]) == 6
     assert run.data.tags["checkpoint.dir"] == str(folder)
-    # The job folder says which checkpoint folder it writes, for a requeue to find.
+    # The job folder's marker names the checkpoint folder, for a requeue to find.
     assert ckpt.read_marker(tmp_path / "job")["checkpoint_dir"] == str(folder)
     assert not list(folder.glob("*.tmp"))
 
@@ -162,7 +163,7 @@ def test_corrupt_checkpoint_is_named(tmp_path):
         ckpt.load(path)
 
 
-def test_variant_hash_ignores_settings_that_do_not_change_results():
+def test_variant_hash_ignores_run_settings():
     base = compose_config(OVERRIDES)
     same = compose_config(
         OVERRIDES + ["trainer.num_threads=2", "checkpoint.resume=true", "tracking=server"]
