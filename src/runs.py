@@ -8,10 +8,11 @@ A job ends its run itself on success, errors, Ctrl-C and SIGTERM. A job killed
 with SIGKILL, or on a node that died, cannot: its run stays RUNNING. A RUNNING run
 is stale when:
 
-- its job ran on this host (tag ``process.host``) and that process is gone
-  (tag ``process.pid``, with ``process.start_ticks`` to see through a reused pid);
-- or, for runs from other hosts and runs without those tags (a sweep's parent
-  run), nothing was logged for ``--older-than`` minutes (default 60).
+- its job, or for a sweep's parent run its sweep, ran on this host (tag
+  ``process.host``) and that process is gone (tag ``process.pid``, with
+  ``process.start_ticks`` to see through a reused pid);
+- or, for runs from other hosts and runs without those tags, nothing was
+  logged for ``--older-than`` minutes (default 60).
 
 Exit status: 0 when no stale run is left unmarked, 1 when stale runs were found
 and not marked, 2 for a bad argument or an unreachable store.
@@ -30,9 +31,8 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from src.checkpoint import process_start_ticks
 from src.config import UserError
-from src.tracking import redact_uri, resolve_tracking_uri
+from src.tracking import process_start_ticks, redact_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 

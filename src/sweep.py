@@ -317,6 +317,7 @@ class SweepRunCallback(Callback):
             TrackingServerError,
             connect_tracking,
             get_or_create_experiment,
+            process_tags,
             redact_credentials,
         )
 
@@ -337,7 +338,12 @@ class SweepRunCallback(Callback):
         run = client.create_run(
             experiment_id,
             run_name=f"sweep {overrides}".strip(),
-            tags={"sweep.dir": str(folder), "sweep.overrides": overrides, "sweep.role": "parent"},
+            tags={
+                "sweep.dir": str(folder),
+                "sweep.overrides": overrides,
+                "sweep.role": "parent",
+                **process_tags(),  # so that a dead sweep's parent can be found as stale
+            },
         )
         self.run_id = run.info.run_id
         folder.mkdir(parents=True, exist_ok=True)

@@ -394,6 +394,27 @@ def _git(root: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+def process_tags() -> dict[str, str]:
+    """Return tags that identify this process, so that a command can tell a dead run's owner."""
+    tags = {"process.host": os.uname().nodename, "process.pid": str(os.getpid())}
+    start = process_start_ticks(os.getpid())
+    if start is not None:
+        tags["process.start_ticks"] = str(start)
+    return tags
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Return when process `pid` started, in clock ticks since boot; None if unknown or gone.
+
+    With the pid it identifies a process even after the pid is reused (Linux only).
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
+
+
 def run_environment_tags(device: torch.device, seed: int) -> dict[str, str]:
     """Return tags that record where and with what a job ran, so that it can be repeated.
 

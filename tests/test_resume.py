@@ -22,7 +22,7 @@ from src.checkpoint import CHECKPOINT_FILE, CheckpointError, SkipLogged, Variant
 from src.gradients import GradientMonitor, Metric
 from src.runs import main as runs_main
 from src.sweep import job_run_name
-from src.tracking import default_tracking_uri
+from src.tracking import default_tracking_uri, process_tags
 from src.train import JobInfo, train
 from tests.conftest import PROJECT_ROOT, compose_config
 
@@ -389,8 +389,8 @@ def test_stale_command_leaves_live_runs_alone(tmp_path, capsys):
     uri = default_tracking_uri(_mkdir(tmp_path / "store"))
     client = MlflowClient(uri)
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
-    live = client.create_run(experiment, tags=ckpt.process_tags())
-    dead_tags = {**ckpt.process_tags(), "process.pid": "999999999"}
+    live = client.create_run(experiment, tags=process_tags())
+    dead_tags = {**process_tags(), "process.pid": "999999999"}
     dead = client.create_run(experiment, tags=dead_tags)
     other_host = client.create_run(
         experiment, tags={"process.host": "elsewhere", "process.pid": "1"}
@@ -483,5 +483,12 @@ def test_sweep_killed_mid_job_resumes_what_it_lacks(tmp_path, reference):
     parents = {relu.data.tags["mlflow.parentRunId"], sigmoid.data.tags["mlflow.parentRunId"]}
     assert len(parents) == 1
     assert client.get_run(parents.pop()).info.status == "FINISHED"
+    # The first sweep's parent run died with its process: the stale command finds it.
+    (first_parent,) = [
+        r for r in client.search_runs([experiment.experiment_id], "tags.`sweep.role` = 'parent'")
+        if r.info.status == "RUNNING"
+    ]  # fmt: skip
+    assert runs_main(["stale", "--tracking-uri", uri, "--mark-killed"]) == 0
+    assert client.get_run(first_parent.info.run_id).info.status == "KILLED"
     sigmoid_reference = reference("slow_sigmoid")
     assert_same_histories(histories(client, sigmoid.info.run_id), sigmoid_reference)
