@@ -6,7 +6,7 @@
 Three parts, each repeated ``--repeats`` times (medians are reported):
 
 - start-up: a fresh interpreter imports torch, MLflow, ``mlflow.pytorch``,
-  matplotlib and Hydra in the order the job does; each import's increment is
+  matplotlib and Hydra in the order the job does. Each import's increment is
   timed, then the rest of ``src.train``;
 - the job: ``src.train.train`` runs the relu and then the sigmoid variant into a
   fresh SQLite store, in this process. Its phases are timed by wrapping the

@@ -11,9 +11,9 @@ Every measurement runs on the same machine in the same invocation, repeated
 - pipeline: ``src.train.train`` with full monitoring into a temporary SQLite
   store, with ``tracking.metric_writer=false``, timed by its ``time/fit_seconds``
   (first iteration to the end of the last epoch's logging);
-- pipeline with writer: the same with ``tracking.metric_writer=true``, the
-  default on a machine with a core free for it, so that a child process stores
-  the metrics; ``time/fit_seconds`` then also waits until the writer has stored
+- pipeline with writer: the same with ``tracking.metric_writer=true`` (the
+  default where a core is free for it), so a child process stores the metrics.
+  ``time/fit_seconds`` then also covers the wait until the writer has stored
   every value;
 - CPU time: the training process's CPU seconds in the bare loop and in ``fit``,
   and the writer process's. Other work on the machine inflates wall times
@@ -162,7 +162,7 @@ def pipeline_timing(cfg, store: Path, writer: bool = False) -> Timing:
 
     The wall time is ``time/fit_seconds``. With `writer`, a MetricWriter stores the
     metrics from a child process, and the times also cover the wait until it has
-    stored them all; the child's CPU time is `child_cpu`.
+    stored them all. The child's CPU time is `child_cpu`.
     """
     import src.train
     from src.tracking import default_tracking_uri

@@ -4,8 +4,8 @@
 
 Linux copies the memory high-water mark of the process that forks a child into
 the child's ``ru_maxrss`` (at ``exec``, from the forking process's address
-space), so a command started by a large process, such as the benchmark after
-it trained a model, reports at least that process's size. Started from this
+space). A command started by a large process, such as the benchmark after it
+trained a model, therefore reports at least that process's size. Started from this
 small launcher, the command's ``ru_maxrss`` is its own peak, plus that of its
 own children where larger.
 

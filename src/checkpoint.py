@@ -472,8 +472,10 @@ class Checkpointer:
             save_atomic(payload, self.path)
         except Exception as err:
             log.error(
-                "Checkpoint of epoch %d not written to %s: %s", payload["epoch"], self.path, err
-            )
+                "Writing the checkpoint of epoch %d of run %s to %s failed: %s. The previous "
+                "checkpoint stays; free disk space or fix checkpoint.dir to resume later epochs",
+                payload["epoch"], payload["run_id"], self.path, err,
+            )  # fmt: skip
             return
         log.debug("Checkpoint of epoch %d written to %s", payload["epoch"], self.path)
 

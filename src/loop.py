@@ -106,7 +106,7 @@ def check_last_batch(model: nn.Module, num_train: int, batch_size: int) -> None:
 
     ``validate`` rejects such a batch size before any work wherever the config gives the
     training-set size, and this guard covers the rest (an image folder). BatchNorm2d
-    sees at least 2x2 positions a channel, so one image is enough for it.
+    normalises over at least 2x2 positions a channel, so one image is enough for it.
     """
     if any(isinstance(module, nn.BatchNorm1d) for module in model.modules()):
         check_batch_norm_batches(num_train, batch_size)
@@ -237,9 +237,10 @@ def fit(
 
 
 def flush_partial_epoch(monitor: GradientMonitor, tracker, epoch: int) -> None:
-    """Send what `monitor` recorded in an epoch that did not finish; log, never raise, a failure.
+    """Send what `monitor` recorded in an epoch that did not finish, logging any failure.
 
-    Called while another exception propagates, which must stay the one the caller sees.
+    It runs while another exception propagates, so it raises nothing of its own: the
+    caller gets that exception.
     """
     try:
         metrics = monitor.drain(epoch).metrics

@@ -513,7 +513,7 @@ def replay_spool(
 
     The server is the one the run used, or `tracking_uri`. A server that does not
     respond to ``GET /health`` within `health_check_timeout` seconds, or that fails midway,
-    leaves the rest pending, and the result says why. Raises SpoolError for a folder
+    leaves the rest pending, and the result gives the reason. Raises SpoolError for a folder
     that is not a spool, a spool in use by another process, or a run the server
     does not have.
     """

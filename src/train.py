@@ -405,7 +405,7 @@ def main(cfg: DictConfig) -> float | None:
         try:
             return train(cfg, job)["test/accuracy"]
         except (UserError, Divergence, KeyboardInterrupt) as err:
-            # The log says what happened, and a traceback would bury it. Hydra prints one
+            # The log records what happened, and a traceback would bury it. Hydra prints one
             # for any exception, so exit instead, unless HYDRA_FULL_ERROR=1 requests it.
             if full_error_requested():
                 raise

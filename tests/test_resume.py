@@ -284,7 +284,7 @@ def test_resume_of_a_deleted_run_is_refused(tmp_path):
         train(cfg, JobInfo(run_name="defaults"))
 
 
-def test_resume_while_another_job_holds_the_variant_is_refused(tmp_path):
+def test_resume_of_locked_variant_rejected(tmp_path):
     cfg = configure(tmp_path, OVERRIDES)
     cfg.checkpoint.resume = True
     lock = VariantLock(ckpt.checkpoint_dir(cfg, "defaults", PROJECT_ROOT))
@@ -370,7 +370,8 @@ def test_killed_process_resumes_into_the_same_run(tmp_path, signum, reference):
         assert client.get_run(run.info.run_id).info.status == "KILLED"
         assert runs_main(["stale", "--tracking-uri", uri]) == 0
     payload = torch.load(path, weights_only=True)
-    assert payload["run_id"] == run.info.run_id and payload["epoch"] >= 3
+    assert payload["run_id"] == run.info.run_id
+    assert payload["epoch"] >= 3
 
     resumed = subprocess.run(
         [sys.executable, "-m", "src.train", *overrides, "checkpoint.resume=true",
@@ -397,8 +398,10 @@ def test_stale_command_leaves_live_runs_alone(tmp_path, capsys):
     )
     assert runs_main(["stale", "--tracking-uri", uri]) == 1
     out = capsys.readouterr().out
-    assert dead.info.run_id in out and "is gone" in out
-    assert live.info.run_id not in out and other_host.info.run_id not in out
+    assert dead.info.run_id in out
+    assert "is gone" in out
+    assert live.info.run_id not in out
+    assert other_host.info.run_id not in out
     # A run from another host counts once it has been quiet for --older-than minutes.
     assert runs_main(["stale", "--tracking-uri", uri, "--older-than", "0", "--mark-killed"]) == 0
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
