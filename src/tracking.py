@@ -47,6 +47,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, UserError
+from src.sqlite_metrics import open_store
 
 if TYPE_CHECKING:
     import torch
@@ -469,7 +470,9 @@ class Tracker:
     """One MLflow run: buffered metrics, params, figures and files.
 
     Metrics are sent with ``log_batch`` in chunks of at most 1000, never one call
-    per value: per-call logging to SQLite costs about 10 ms a value.
+    per value: per-call logging to SQLite costs about 10 ms a value. Into a local
+    SQLite store of the known schema they are written with plain SQL instead
+    (:mod:`src.sqlite_metrics`), which is about a hundred times faster than ``log_batch``.
 
     With `spool` settings, which :func:`start_run` gives a run on a tracking server,
     a request that fails on the connection (after MLflow's own retries) does not stop
@@ -492,6 +495,8 @@ class Tracker:
         self.run_id = run_id
         self.tracking_uri = tracking_uri or client.tracking_uri
         self.writer = writer  # stores metrics from a child process; None: log_metrics sends them
+        # Plain SQL into a local SQLite store; None: MLflow's log_batch.
+        self.direct = open_store(self.tracking_uri) if writer is None else None
         self.spool_settings = spool
         self.spool: Spool | None = None  # created at the first request that fails
         self._retry_wait = 0.0  # seconds between the last failed retry and the next
@@ -523,6 +528,9 @@ class Tracker:
                 return
             except MetricWriterError as err:
                 metrics = self._stop_writer(err) + metrics
+        if self.direct is not None:
+            self.direct.log(self.run_id, metrics)
+            return
         batch = [MlflowMetric(m.key, m.value, m.timestamp, m.step) for m in metrics]
         for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
             chunk = batch[start : start + MAX_METRICS_PER_BATCH]
@@ -558,6 +566,7 @@ class Tracker:
         except MetricWriterError:
             pass  # the failure is logged above
         self.writer = None
+        self.direct = open_store(self.tracking_uri)
         return unwritten
 
     def log_figure(self, figure, artifact_file: str) -> None:
@@ -958,6 +967,13 @@ def start_run(
     finally:
         if tracker.writer is not None:
             _close_writer(tracker.writer)
+        _close_direct(tracker)
+
+
+def _close_direct(tracker: Tracker) -> None:
+    if tracker.direct is not None:
+        tracker.direct.close()
+        tracker.direct = None
 
 
 def _close_writer(writer) -> None:

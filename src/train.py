@@ -254,7 +254,7 @@ def _train(
             if cfg.monitor.epoch_images:
                 reports.log_epoch_images(tracker, monitor.histograms, job.run_name)
             if cfg.tracking.log_model:
-                log_model(tracker, model, data, checkpointer)
+                log_model(tracker, model, data, checkpointer, flatten_params(cfg))
         except Divergence as err:
             reports.log_divergence(tracker, err)
             log.error("Run %s diverged: %s", job.run_name, err.reason)
@@ -271,7 +271,9 @@ def _train(
     return history.last()
 
 
-def log_model(tracker: Tracker, model: nn.Module, data, checkpointer: Checkpointer) -> None:
+def log_model(
+    tracker: Tracker, model: nn.Module, data, checkpointer: Checkpointer, params: dict
+) -> None:
     """Log the trained model; a server that went away costs the model, not the run.
 
     ``mlflow.pytorch`` uploads the model itself, past the tracker's spool. When the upload
@@ -279,7 +281,7 @@ def log_model(tracker: Tracker, model: nn.Module, data, checkpointer: Checkpoint
     and the log names the checkpoint that keeps the weights.
     """
     try:
-        reports.log_model(model, data.preview())
+        reports.log_model(model, data.preview(), tracker.run_id, params)
     except Exception as err:
         if not is_connection_error(err):
             raise

@@ -16,6 +16,7 @@ from src import train as train_module
 from src.data import load_dataset
 from src.gradients import STATS
 from src.histograms import load_histograms
+from src.reports import MODEL_METRICS
 from src.tracking import flatten_params
 from src.train import JobInfo, train
 from tests.conftest import PROJECT_ROOT, TINY_OVERRIDES
@@ -179,6 +180,25 @@ def test_logged_model_matches_final_accuracy(finished_run):
     with torch.no_grad():
         accuracy = (model(data.test_inputs).argmax(1) == data.test_targets).float().mean()
     assert accuracy.item() == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+
+
+def test_logged_model_linked_to_run(finished_run):
+    cfg, client, run, metrics = finished_run
+    (logged,) = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'",
+    )
+    assert logged.name == "model"
+    assert logged.params["trainer.epochs"] == str(cfg.trainer.epochs)
+    linked = {m.key: m for m in logged.metrics}
+    assert sorted(linked) == sorted(MODEL_METRICS)
+    assert linked["test/accuracy"].value == pytest.approx(metrics["test/accuracy"])
+    assert linked["test/accuracy"].step == cfg.trainer.epochs
+    outputs = client.get_run(run.info.run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [logged.model_id]
+    # Linking adds no value to the run's own history.
+    history = client.get_metric_history(run.info.run_id, "test/accuracy")
+    assert len(history) == cfg.trainer.epochs
 
 
 def test_failed_run_marked_failed(tiny_cfg, monkeypatch):
