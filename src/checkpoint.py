@@ -24,9 +24,11 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -375,12 +377,15 @@ class SkipLogged:
 class Checkpointer:
     """The checkpoints of one job: where they are, whether to resume, and writing them.
 
-    `every` is ``checkpoint.every``; 0 writes none. `resume` is ``checkpoint.resume``, or a
-    requeue by the job's scheduler.
+    `every` is ``checkpoint.every``; 0 writes none. `min_interval` is
+    ``checkpoint.min_interval``: seconds since the job started or since the last
+    checkpoint before another is due. The last epoch always gets one. `resume` is
+    ``checkpoint.resume``, or a requeue by the job's scheduler.
     """
 
     def __init__(self, cfg: DictConfig, run_name: str, root: Path, job_dir: Path | None):
         self.every = int(cfg.checkpoint.every)
+        self.min_interval = float(cfg.checkpoint.min_interval)
         self.epochs = int(cfg.trainer.epochs)
         self.folder = checkpoint_dir(cfg, run_name, root)
         self.path = self.folder / CHECKPOINT_FILE
@@ -390,6 +395,7 @@ class Checkpointer:
         self.lock = VariantLock(self.folder)
         self.locked = False
         self._writer: threading.Thread | None = None
+        self._last_save = time.monotonic()
 
     def acquire(self) -> None:
         """Take the variant's lock; raise CheckpointError if resuming and another job holds it.
@@ -449,7 +455,13 @@ class Checkpointer:
         return payload
 
     def due(self, epoch: int) -> bool:
-        return self.every > 0 and (epoch % self.every == 0 or epoch == self.epochs)
+        """True when a checkpoint is due at the end of `epoch`."""
+        if self.every == 0:
+            return False
+        if epoch == self.epochs:
+            return True
+        waited = time.monotonic() - self._last_save
+        return epoch % self.every == 0 and waited >= self.min_interval
 
     def save(self, payload: dict[str, Any]) -> None:
         """Write `payload` in a background thread, from a copy taken now.
@@ -459,6 +471,7 @@ class Checkpointer:
         previous checkpoint stays.
         """
         self.wait()
+        self._last_save = time.monotonic()
         payload = {"format": FORMAT_VERSION, **_copy_tensors(payload)}
         if self.job_dir is not None and read_marker(self.job_dir) is None:
             write_marker(self.job_dir, self.folder, payload["run_id"])
@@ -536,6 +549,12 @@ def validate_checkpoint(cfg: DictConfig) -> None:
         raise ConfigError(
             f"Invalid config value checkpoint.every={every!r}: expected an integer >= 0 "
             "(0 writes no checkpoints)."
+        )
+    interval = cfg.checkpoint.min_interval
+    if not (isinstance(interval, (int, float)) and math.isfinite(interval) and interval >= 0):
+        raise ConfigError(
+            f"Invalid config value checkpoint.min_interval={interval!r}: expected a finite "
+            "number of seconds >= 0 (0 writes one at every checkpoint.every-th epoch)."
         )
     if not str(cfg.checkpoint.dir).strip():
         raise ConfigError(

@@ -62,6 +62,8 @@ class TrainerConfig:
 @dataclass
 class MonitorConfig:
     stats_every: int = 1  # record per-layer gradient statistics every N iterations
+    # Compute them on a thread beside training; null: on for the CPU with a torch.optim optimizer.
+    stats_thread: bool | None = None
     hist_every: int = 1  # record histograms every N epochs, from the epoch's last mini-batch
     hist_bins: int = 30  # histogram bins; in "log" mode 2 * (hist_bins // 2) + 1 bins
     hist_mode: str = "range"  # "range": each tensor's min..max; "log": fixed symmetric log edges
@@ -106,6 +108,7 @@ class TrackingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1  # write a checkpoint every N epochs (and after the last); 0: none
+    min_interval: float = 30.0  # seconds since the last checkpoint (or the start) before another
     resume: bool = False  # continue this job's last checkpoint, into the same MLflow run
     dir: str = "checkpoints"  # folder of the checkpoints; relative paths start at the project root
 

@@ -7,6 +7,8 @@ iteration costs no device synchronisation.
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -61,48 +63,63 @@ STATS = ("mean", "norm", "rms", "std", "max_abs", "tiny_frac", "nonfinite")
 _RAW = ("sum", "norm", "max_abs", "tiny_count", "nonfinite_count")
 
 
-def raw_statistics(grads: list[torch.Tensor], tiny: float) -> torch.Tensor:
+def raw_statistics(
+    grads: list[torch.Tensor], tiny: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Compute the raw per-tensor quantities of `grads` on their device: ``[len(_RAW), T]``.
 
-    Multi-tensor (``_foreach``) kernels do most of the work, one launch for all
+    Writes them into `out` when given (a contiguous ``[len(_RAW), T]`` tensor).
+    Multi-tensor (``_foreach``) kernels do most of the work, one call for all
     tensors. Counts use float arithmetic, because comparisons to bool and sums
     of bools are several times slower than float passes on CPU (torch 2.14).
     Counts are float32, exact up to 2**24 entries a tensor.
     """
+    count = len(grads)
+    device = grads[0].device
+    if out is None:
+        out = torch.empty(len(_RAW), count, device=device)
     norms = torch._foreach_norm(grads)
     sums = [g.sum() for g in grads]
     magnitudes = torch._foreach_abs(grads)
     max_abs = torch._foreach_max(magnitudes)
-    tiny_counts = _count_below_inplace(magnitudes, tiny)
+    signs = _sign_sums_inplace(magnitudes, tiny)
+    # One stack for the first four rows; the last row is the non-finite counts.
+    torch.stack([*sums, *norms, *max_abs, *signs], out=out[:4].view(-1))
+    if tiny > 0:
+        numel = torch.tensor([g.numel() for g in grads], dtype=out.dtype, device=device)
+        out[3].sub_(numel).mul_(-0.5)  # the count below tiny: (n - sum of signs) / 2
 
-    norms_finite = torch.isfinite(torch.stack(norms))
-    if grads[0].device.type == "cpu" and bool(norms_finite.all()):
-        # On the CPU reading the flag costs no device sync, and a finite norm
-        # means every entry is finite, so the counting pass can be skipped.
-        nonfinite = [torch.zeros((), device=grads[0].device)] * len(grads)
+    if device.type == "cpu" and math.isfinite(out[1].sum().item()):
+        # On the CPU reading a value costs no device sync, and finite norms mean
+        # that every entry is finite, so the counting pass can be skipped.
+        out[4].zero_()
     else:
         # g * 0 is NaN exactly where g is NaN or infinite.
-        nonfinite = [(g * 0).nan_to_num_(nan=1.0).sum() for g in grads]
-
-    quantities = [*sums, *norms, *max_abs, *tiny_counts, *nonfinite]
-    return torch.stack(quantities).reshape(len(_RAW), len(grads))
+        torch.stack([(g * 0).nan_to_num_(nan=1.0).sum() for g in grads], out=out[4])
+    return out
 
 
 def count_below(values: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
     """Count the entries with ``|v| < threshold`` in each tensor, as float scalars."""
-    return _count_below_inplace(torch._foreach_abs(values), threshold)
+    signs = _sign_sums_inplace(torch._foreach_abs(values), threshold)
+    if threshold <= 0:
+        return signs
+    return [(v.numel() - s) * 0.5 for v, s in zip(values, signs)]
 
 
-def _count_below_inplace(magnitudes: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
-    """Count entries below `threshold` in non-negative tensors, overwriting them."""
+def _sign_sums_inplace(magnitudes: list[torch.Tensor], threshold: float) -> list[torch.Tensor]:
+    """Sum ``sign(m - threshold)`` over each non-negative tensor, overwriting it.
+
+    The sign is -1 below the threshold and +1 above, so ``(n - sum) / 2`` entries of
+    a tensor of n lie below: two passes, where a 0/1 indicator takes four. A
+    threshold <= 0 has no entry below it, and gives zeros to stand for the counts.
+    NOTE: an entry equal to the threshold counts one half; entries within float32
+    rounding of it may count either way.
+    """
     if threshold <= 0:
         return [torch.zeros((), device=m.device) for m in magnitudes]
-    # 1 where m < threshold, else 0: clamp(1 - m / threshold, min=0) rounded up.
-    # NOTE: entries within float32 rounding of the threshold may count either way.
-    torch._foreach_mul_(magnitudes, -1.0 / threshold)
-    torch._foreach_add_(magnitudes, 1.0)
-    torch._foreach_clamp_min_(magnitudes, 0.0)
-    torch._foreach_ceil_(magnitudes)
+    torch._foreach_sub_(magnitudes, threshold)
+    torch._foreach_sign_(magnitudes)
     return [m.sum() for m in magnitudes]
 
 
@@ -186,6 +203,7 @@ class GradientMonitor:
         hist_log_range: tuple[float, float] = (1e-10, 1.0),
         tiny: float = 1e-8,
         logged: list[str] | None = None,
+        stats_thread: bool = False,
     ):
         if not tensors:
             raise ValueError("The model has no weight layers to monitor.")
@@ -216,6 +234,17 @@ class GradientMonitor:
         self._loss_steps: list[tuple[int, int]] = []  # (global step, ms timestamp) per loss row
         self._stat_steps: list[tuple[int, int]] = []  # same, per row of the statistics
         self._pending_hist: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.stats_thread = stats_thread
+        self._worker: StatisticsWorker | None = None  # started at the first statistics
+
+    def close(self) -> None:
+        """Stop the statistics thread, if any; :meth:`drain` still works after."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _store_statistics(self, row: int, grads: list[torch.Tensor]) -> None:
+        raw_statistics(grads, self.tiny, out=self._stats[row])
 
     def record(self, loss: torch.Tensor, global_step: int, epoch: int, last_in_epoch: bool) -> None:
         """Store the loss and, on schedule, the gradient statistics; both stay on the device."""
@@ -225,7 +254,12 @@ class GradientMonitor:
 
         if global_step % self.stats_every == 0:
             grads = [tensor.grad for tensor in self.tensors]
-            self._stats[len(self._stat_steps)] = raw_statistics(grads, self.tiny)
+            if self.stats_thread:
+                if self._worker is None:
+                    self._worker = StatisticsWorker(self._store_statistics)
+                self._worker.submit(len(self._stat_steps), grads)
+            else:
+                self._store_statistics(len(self._stat_steps), grads)
             self._stat_steps.append((global_step, now_ms))
 
         if last_in_epoch and epoch % self.hist_every == 0:
@@ -241,6 +275,8 @@ class GradientMonitor:
 
     def drain(self, epoch: int) -> EpochRecord:
         """Copy the epoch's values to the host, clear the buffers, and return them."""
+        if self._worker is not None:
+            self._worker.wait()
         losses = self._loss[: len(self._loss_steps)].cpu().numpy()
         raw = self._stats[: len(self._stat_steps)].cpu().numpy()
         stats = derive_statistics(raw, self.numel)
@@ -279,3 +315,68 @@ class GradientMonitor:
         self._stat_steps.clear()
         self._pending_hist = None
         return record
+
+
+class StatisticsWorker:
+    """Compute each iteration's statistics on a thread of their own, one job at a time.
+
+    Torch releases the GIL inside its kernels, so on a CPU the statistics of one
+    iteration run on another core while the training thread goes on with the
+    optimizer step and the next forward pass. :meth:`submit` waits until the
+    previous job is done, so at most one is in flight. The gradients must not be
+    modified in place while a job reads them: ``zero_grad(set_to_none=True)`` and
+    the next backward pass make new tensors, and torch's optimizers read the
+    gradients without writing them.
+    """
+
+    def __init__(self, compute):
+        self._compute = compute  # called as compute(row, grads) in the thread
+        self._job: tuple[int, list[torch.Tensor]] | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._serve, name="gradient-statistics", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: int, grads: list[torch.Tensor]) -> None:
+        """Hand over one iteration's gradients, after the previous job is done."""
+        with self._changed:
+            self._wait_idle()
+            self._job = (row, grads)
+            self._changed.notify_all()
+
+    def wait(self) -> None:
+        """Return once no job is in flight; raise the error of a job that failed."""
+        with self._changed:
+            self._wait_idle()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _wait_idle(self) -> None:
+        while self._job is not None:
+            self._changed.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _serve(self) -> None:
+        torch.set_grad_enabled(False)  # per thread: statistics need no autograd graph
+        while True:
+            with self._changed:
+                while self._job is None and not self._closed:
+                    self._changed.wait()
+                if self._closed and self._job is None:
+                    return
+                row, grads = self._job
+            try:
+                self._compute(row, grads)
+            except BaseException as err:  # noqa: BLE001 - raised in the training thread
+                with self._changed:
+                    self._error = err
+            with self._changed:
+                self._job = None
+                self._changed.notify_all()

@@ -136,9 +136,7 @@ def log_epoch_images(tracker: Tracker, histograms: HistogramHistory, title: str)
 MODEL_METRICS = ("train/accuracy", "val/loss", "val/accuracy", "test/loss", "test/accuracy")
 
 
-def log_model(
-    model: nn.Module, data, run_id: str, params: dict, example_size: int = 4
-) -> str:
+def log_model(model: nn.Module, data, run_id: str, params: dict, example_size: int = 4) -> str:
     """Log `model`, moved to the CPU, with ``mlflow.pytorch`` as run `run_id`'s ``model``.
 
     Returns the logged model's id. The signature and input example come from real

@@ -146,7 +146,7 @@ def _train(
     iters_per_epoch = math.ceil(len(data.train) / cfg.trainer.batch_size)
     # Image folders give their size only once read: check before a run exists.
     check_last_batch(model, len(data.train), cfg.trainer.batch_size)
-    monitor = build_monitor(model, cfg.monitor, iters_per_epoch)
+    monitor = build_monitor(model, cfg.monitor, iters_per_epoch, use_stats_thread(cfg, optimizer))
     thresholds = Thresholds(**cfg.health)
     state = TrainState.new(cfg.seed)
     if payload is not None:
@@ -263,6 +263,7 @@ def _train(
             log.error("Run %s failed: %r", job.run_name, err)
             raise
         finally:
+            monitor.close()
             if activation_monitor is not None:
                 activation_monitor.remove()
             reports.log_histograms(tracker, monitor.histograms)
@@ -306,6 +307,15 @@ def use_metric_writer(cfg: DictConfig) -> bool:
     """
     if cfg.tracking.metric_writer is not None:
         return bool(cfg.tracking.metric_writer)
+    return core_free(cfg)
+
+
+def core_free(cfg: DictConfig) -> bool:
+    """True where a job leaves a core free: one job at a time, with fewer threads than cores.
+
+    That is Hydra's default launcher (or no Hydra) with trainer.num_threads below the
+    cores. Parallel launchers size their jobs to fill the cores.
+    """
     from joblib import cpu_count
 
     if HydraConfig.initialized():
@@ -339,7 +349,26 @@ def checkpoint_payload(
     }
 
 
-def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> GradientMonitor:
+def use_stats_thread(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> bool:
+    """Decide whether the gradient statistics run on a thread beside training.
+
+    ``monitor.stats_thread`` decides when set. Otherwise the thread runs where a core is
+    free for it (see :func:`core_free`), for training on the CPU, where torch releases
+    the GIL in its kernels, with one of torch's optimizers, which read the gradients
+    without writing them: the thread reads them while the optimizer steps. Other
+    optimizers may modify ``.grad`` in place.
+    """
+    if cfg.monitor.stats_thread is not None:
+        return bool(cfg.monitor.stats_thread)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    torch_optimizer = type(optimizer).__module__.startswith("torch.optim.")
+    return on_cpu and torch_optimizer and core_free(cfg)
+
+
+def build_monitor(
+    model: nn.Module, monitor_cfg, iters_per_epoch: int, stats_thread: bool = False
+) -> GradientMonitor:
     """Build the gradient monitor for every weight layer and its bias.
 
     Bias gradients are always monitored, because the health verdict reads them;
@@ -366,6 +395,7 @@ def build_monitor(model: nn.Module, monitor_cfg, iters_per_epoch: int) -> Gradie
         hist_log_range=tuple(monitor_cfg.hist_log_range),
         tiny=monitor_cfg.tiny,
         logged=logged,
+        stats_thread=stats_thread,
     )
 
 

@@ -224,3 +224,37 @@ def test_record_finds_first_nonfinite():
     assert step == 2
     assert "iteration 2" in reason
     assert record.stats["nonfinite"][1].tolist() == [0, 1, 0]
+
+
+def _train_and_drain(stats_thread: bool) -> list:
+    torch.manual_seed(0)
+    model = _tiny_model()
+    monitor = GradientMonitor(weight_layers(model), iters_per_epoch=4, stats_thread=stats_thread)
+    optimizer = torch.optim.Adam(model.parameters())
+    inputs, targets = torch.rand(4, 8, 1, 6, 6), torch.randint(0, 10, (4, 8))
+    for i in range(4):
+        loss = F.cross_entropy(model(inputs[i]), targets[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        monitor.record(loss, global_step=i + 1, epoch=1, last_in_epoch=i == 3)
+        optimizer.step()
+    try:
+        return [(m.key, m.step, m.value) for m in monitor.drain(epoch=1).metrics]
+    finally:
+        monitor.close()
+
+
+def test_statistics_thread_matches_inline():
+    assert _train_and_drain(stats_thread=True) == _train_and_drain(stats_thread=False)
+
+
+def test_statistics_thread_error_reaches_training_thread():
+    model = _tiny_model()
+    monitor = GradientMonitor(weight_layers(model), iters_per_epoch=2, stats_thread=True)
+    loss = F.cross_entropy(model(torch.rand(4, 1, 6, 6)), torch.randint(0, 10, (4,)))
+    loss.backward()
+    model.zero_grad(set_to_none=True)  # no gradients: the statistics fail in the thread
+    monitor.record(loss, global_step=1, epoch=1, last_in_epoch=False)
+    with pytest.raises(AttributeError):  # None has no device
+        monitor.drain(epoch=1)
+    monitor.close()

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from src import checkpoint as ckpt
 from src.checkpoint import CHECKPOINT_FILE, CheckpointError, SkipLogged, VariantLock
+from src.config import ConfigError
 from src.gradients import GradientMonitor, Metric
 from src.runs import main as runs_main
 from src.sweep import job_run_name
@@ -34,6 +35,7 @@ OVERRIDES = [
     "model.hidden_sizes=[32,16,16]",
     "monitor.epoch_images=false",
     "tracking.log_model=false",
+    "checkpoint.min_interval=0",  # a checkpoint every epoch
 ]
 SLOW_OVERRIDES = [  # enough work an epoch for a signal to land in the middle of training
     "trainer.epochs=20",
@@ -42,6 +44,7 @@ SLOW_OVERRIDES = [  # enough work an epoch for a signal to land in the middle of
     "model.hidden_sizes=[128,64,64]",
     "monitor.epoch_images=false",
     "tracking.log_model=false",
+    "checkpoint.min_interval=0",
 ]
 
 
@@ -139,6 +142,24 @@ def test_no_checkpoint_with_every_zero(tmp_path):
     cfg.checkpoint.every = 0
     train(cfg, JobInfo(run_name="defaults"))
     assert not (tmp_path / "store-checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("every", "min_interval", "expected"),
+    [(1, 0.0, [1, 2, 3, 4, 5, 6]), (4, 0.0, [4, 6]), (1, 3600.0, [6]), (0, 0.0, [])],
+)
+def test_checkpoint_due(tmp_path, every, min_interval, expected):
+    cfg = configure(tmp_path, OVERRIDES)
+    cfg.checkpoint.every, cfg.checkpoint.min_interval = every, min_interval
+    checkpointer = ckpt.Checkpointer(cfg, "defaults", PROJECT_ROOT, None)
+    assert [epoch for epoch in range(1, 7) if checkpointer.due(epoch)] == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_min_interval_rejected(tmp_path, value):
+    cfg = configure(tmp_path, [*OVERRIDES, f"checkpoint.min_interval={value}"])
+    with pytest.raises(ConfigError, match=f"checkpoint.min_interval={value}"):
+        ckpt.validate_checkpoint(cfg)
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
