@@ -226,7 +226,7 @@ def instrument_pipeline(instrument: Instrument) -> None:
     wrap(loop, "evaluate", "per-epoch evaluation")
     wrap(loop, "judge", "per-epoch verdict")
     wrap(loop, "epoch_profile", "per-epoch verdict")
-    wrap(Tracker, "log_metrics", "log_batch into the store")
+    wrap(Tracker, "log_metrics", "metrics into the store (Tracker.log_metrics)")
     if hasattr(Tracker, "flush"):
         wrap(Tracker, "flush", "waiting for the metric writer")
     wrap(reports, "log_verdict", "run verdict")
