@@ -173,9 +173,9 @@ def log_model(model: nn.Module, data, run_id: str, params: dict, example_size: i
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
     )
     # NOTE: inside an active run, log_model links the metrics logged at its `step` to
-    # the model, and to find them it reads back every value of every metric of the run:
-    # 1.9 s of its 2.6 s for a reference run (MLflow 3.17). MLflow keeps the active run
-    # per thread, so in another thread it skips that; the link is made below instead.
+    # the model. To find them it reads back every value of every metric of the run, 1.9 s
+    # of its 2.6 s for a reference run (MLflow 3.17). MLflow keeps the active run per
+    # thread, so another thread skips that, and the link is made below instead.
     _run_in_thread(save)
     final = []
     for key in MODEL_METRICS:

@@ -1,8 +1,8 @@
 """Store metric values in MLflow's SQLite store with plain SQL, a hundred times faster.
 
 MLflow's ``log_batch`` into SQLite goes through SQLAlchemy's ORM and costs 0.07
-to 0.16 ms of Python time a value; a reference run logs about 58,000 values,
-which made logging as slow as the training itself. :class:`SqliteMetricStore`
+to 0.16 ms of Python time a value. A reference run logs about 58,000 values, so
+logging took about as long as the training itself. :class:`SqliteMetricStore`
 writes the same rows with one ``executemany`` per batch (about 6 µs a value,
 most of it inside SQLite, which releases the GIL) and keeps MLflow's semantics:
 
@@ -34,7 +34,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # The schema this module writes, as PRAGMA table_info reports it: column -> position in the
-# primary key (0: not in it). MLflow 2.x and 3.x (up to 3.17 at least) use exactly these.
+# primary key (0: not in it). MLflow 3.17, the version tested here, uses exactly these.
 EXPECTED_COLUMNS = {
     "metrics": {
         "key": 1, "value": 5, "timestamp": 2, "run_uuid": 4, "step": 3, "is_nan": 6,
@@ -107,7 +107,7 @@ def open_store(tracking_uri: str) -> SqliteMetricStore | None:
 class SqliteMetricStore:
     """Write metric values of MLflow runs into the SQLite database at `path`.
 
-    One instance holds one connection; use it from one thread at a time.
+    Each instance has its own connection; use it from one thread at a time.
     """
 
     def __init__(self, path: Path):

@@ -353,10 +353,10 @@ def use_stats_thread(cfg: DictConfig, optimizer: torch.optim.Optimizer) -> bool:
     """Decide whether the gradient statistics run on a thread beside training.
 
     ``monitor.stats_thread`` decides when set. Otherwise the thread runs where a core is
-    free for it (see :func:`core_free`), for training on the CPU, where torch releases
-    the GIL in its kernels, with one of torch's optimizers, which read the gradients
-    without writing them: the thread reads them while the optimizer steps. Other
-    optimizers may modify ``.grad`` in place.
+    free for it (see :func:`core_free`) and training is on the CPU, where torch releases
+    the GIL in its kernels. The optimizer must be one of torch's, because the thread
+    reads the gradients while the optimizer steps, and torch's optimizers do not write
+    them. Other optimizers may modify ``.grad`` in place.
     """
     if cfg.monitor.stats_thread is not None:
         return bool(cfg.monitor.stats_thread)
