@@ -19,6 +19,10 @@ from torch import nn
 from src.histograms import HistogramHistory, symmetric_log_edges
 
 
+# torch.histc counts in float32, which is exact up to 2**24 values in a bin.
+HISTC_MAX_NUMEL = 2**24
+
+
 def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Count `values` into `bins` bins evenly spaced between their min and max.
 
@@ -26,6 +30,12 @@ def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tens
     except the last, which also contains the max, as in ``numpy.histogram``. When all
     values are equal the range is widened by 0.5 on each side, also as numpy does.
     Runs on the device of `values` without a host synchronisation.
+
+    On the CPU, finite values are counted with ``torch.histc``, four times faster
+    than comparing each value with the edges (0.34 s against 0.08 s for 11.6M
+    gradients on one core). It computes each value's bin from the range, so a value
+    within float32 rounding of an edge may land in the neighbouring bin: about one
+    value in a million, for normally distributed gradients.
     """
     values = values.detach().reshape(-1)
     lo, hi = torch.aminmax(values)
@@ -34,6 +44,10 @@ def histogram(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tens
     hi = torch.where(flat, hi + 0.5, hi)
     fractions = torch.arange(bins, device=values.device, dtype=values.dtype) / bins
     edges = torch.cat([lo + (hi - lo) * fractions, hi.reshape(1)])
+    if values.device.type == "cpu" and values.numel() < HISTC_MAX_NUMEL:
+        first, last = float(edges[0]), float(edges[-1])  # no device sync on the CPU
+        if math.isfinite(first) and math.isfinite(last):
+            return edges, torch.histc(values, bins, first, last).to(torch.long)
     return edges, count_into(values, edges)
 
 
@@ -64,11 +78,17 @@ _RAW = ("sum", "norm", "max_abs", "tiny_count", "nonfinite_count")
 
 
 def raw_statistics(
-    grads: list[torch.Tensor], tiny: float, out: torch.Tensor | None = None
+    grads: list[torch.Tensor],
+    tiny: float,
+    out: torch.Tensor | None = None,
+    scratch: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Compute the raw per-tensor quantities of `grads` on their device: ``[len(_RAW), T]``.
 
     Writes them into `out` when given (a contiguous ``[len(_RAW), T]`` tensor).
+    `scratch` are tensors shaped like `grads` that the computation may overwrite;
+    reusing them spares a large allocation per call, whose first touch costs more
+    than the arithmetic (20 of 25 ms for 11.6M parameters on one CPU core).
     Multi-tensor (``_foreach``) kernels do most of the work, one call for all
     tensors. Counts use float arithmetic, because comparisons to bool and sums
     of bools are several times slower than float passes on CPU (torch 2.14).
@@ -80,7 +100,10 @@ def raw_statistics(
         out = torch.empty(len(_RAW), count, device=device)
     norms = torch._foreach_norm(grads)
     sums = [g.sum() for g in grads]
-    magnitudes = torch._foreach_abs(grads)
+    if scratch is None:
+        magnitudes = torch._foreach_abs(grads)
+    else:
+        magnitudes = [torch.abs(g, out=buffer) for g, buffer in zip(grads, scratch)]
     max_abs = torch._foreach_max(magnitudes)
     signs = _sign_sums_inplace(magnitudes, tiny)
     # One stack for the first four rows; the last row is the non-finite counts.
@@ -236,6 +259,7 @@ class GradientMonitor:
         self._pending_hist: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.stats_thread = stats_thread
         self._worker: StatisticsWorker | None = None  # started at the first statistics
+        self._scratch: list[torch.Tensor] | None = None  # work space of raw_statistics
 
     def close(self) -> None:
         """Stop the statistics thread, if any; :meth:`drain` still works after."""
@@ -244,7 +268,9 @@ class GradientMonitor:
             self._worker = None
 
     def _store_statistics(self, row: int, grads: list[torch.Tensor]) -> None:
-        raw_statistics(grads, self.tiny, out=self._stats[row])
+        if self._scratch is None:
+            self._scratch = [torch.empty_like(g) for g in grads]
+        raw_statistics(grads, self.tiny, out=self._stats[row], scratch=self._scratch)
 
     def record(self, loss: torch.Tensor, global_step: int, epoch: int, last_in_epoch: bool) -> None:
         """Store the loss and, on schedule, the gradient statistics; both stay on the device."""
