@@ -18,7 +18,6 @@ from torch import nn
 
 from src.histograms import HistogramHistory, symmetric_log_edges
 
-
 # torch.histc counts in float32, which is exact up to 2**24 values in a bin.
 HISTC_MAX_NUMEL = 2**24
 
