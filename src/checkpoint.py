@@ -81,7 +81,14 @@ def checkpoint_dir(cfg: DictConfig, run_name: str, root: Path) -> Path:
         base = root / base
     safe_name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", run_name)[:80]
     experiment = re.sub(r"[^A-Za-z0-9=,._+-]", "_", cfg.tracking.experiment_name)
-    return base / experiment / f"{safe_name}-{variant_hash(cfg)}"
+    digest = variant_hash(cfg)
+    folder = base / experiment / f"{safe_name}-{digest}"
+    if not folder.is_dir():
+        # The same overrides in another order name the same variant: the hash decides.
+        same_variant = sorted((base / experiment).glob(f"*-{digest}"))
+        if len(same_variant) == 1:
+            return same_variant[0]
+    return folder
 
 
 # ---------------------------------------------------------------------------
@@ -427,6 +434,17 @@ class Checkpointer:
         if self.locked:
             self.lock.release()
             self.locked = False
+
+    def discard_earlier(self) -> None:
+        """Delete the checkpoint that an earlier run of this variant left, as a new run starts.
+
+        Without this, a new run that ends before its first checkpoint would leave the
+        earlier run's file, and a resume would take that run for this one.
+        """
+        if self.every == 0 or not self.locked or not self.path.is_file():
+            return
+        self.path.unlink()
+        log.info("Removed %s, the checkpoint of an earlier run of this variant", self.path)
 
     def load_for_resume(self, tracking_uri: str, device: torch.device) -> dict[str, Any] | None:
         """Return the checkpoint to resume from, or None to start a new run."""

@@ -819,7 +819,7 @@ def _validate_training_set(cfg: DictConfig) -> None:
         "monitor.stats_every",
         cfg.monitor.stats_every,
         f"expected at most the {iterations} iterations of the run (trainer.epochs x "
-        f"{math.ceil(num_train / trainer.batch_size)} a epoch), or no gradient statistics "
+        f"{math.ceil(num_train / trainer.batch_size)} per epoch), or no gradient statistics "
         "are recorded",
     )
 

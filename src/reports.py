@@ -156,6 +156,7 @@ def log_model(model: nn.Module, data, run_id: str, params: dict, example_size: i
         logits = model(example)
     signature = infer_signature(example.numpy(), logits.numpy())
     experiment_id = client.get_run(run_id).info.experiment_id
+    _fail_pending_models(client, experiment_id, run_id)
     logged = mlflow.initialize_logged_model(
         name="model",
         source_run_id=run_id,
@@ -190,6 +191,21 @@ def log_model(model: nn.Module, data, run_id: str, params: dict, example_size: i
     if final:
         client.log_batch(run_id, metrics=final)
     return logged.model_id
+
+
+def _fail_pending_models(client, experiment_id: str, run_id: str) -> None:
+    """Mark FAILED the models of `run_id` that an attempt killed while logging left PENDING."""
+    from mlflow.entities import LoggedModelStatus
+
+    models = client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
+    for model in models:
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            log.info(
+                "Marked model %s FAILED: an earlier attempt left it unfinished", model.model_id
+            )
 
 
 def _run_in_thread(function) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, read_write
 
+from src.checkpoint import validate_checkpoint
 from src.config import ConfigError, validate
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,9 @@ def check_sweep_configs(config: DictConfig) -> None:
     failures = []
     for number, overrides in enumerate(jobs):
         try:
-            validate(loader.load_sweep_config(config, list(overrides)), machine=on_this_machine)
+            job_cfg = loader.load_sweep_config(config, list(overrides))
+            validate(job_cfg, machine=on_this_machine)
+            validate_checkpoint(job_cfg)
         except ConfigError as err:
             failures.append(f"#{number} {job_run_name(overrides, keys)}: {err}")
         except (HydraException, OmegaConfBaseException) as err:

@@ -47,7 +47,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, UserError
-from src.sqlite_metrics import open_store
+from src.sqlite_metrics import database_path, open_store
 
 if TYPE_CHECKING:
     import torch
@@ -185,8 +185,31 @@ def validate_tracking(tracking_cfg: DictConfig) -> None:
         value = tracking_cfg[key]
         if not ok(value):
             raise ConfigError(f"Invalid config value tracking.{key}={value!r}: {allowed}.")
-    if resolve_tracking_uri(tracking_cfg.uri).startswith(SERVER_SCHEMES):
+    uri = resolve_tracking_uri(tracking_cfg.uri)
+    if uri.startswith(SERVER_SCHEMES):
         check_spool_dir(resolve_spool_dir(tracking_cfg.spool_dir), tracking_cfg.spool_dir)
+    check_store_uri(uri)
+
+
+def check_store_uri(uri: str) -> None:
+    """Raise ConfigError for a plain-folder store, which MLflow 3 refuses, or a read-only file."""
+    scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
+    if scheme in ("", "file"):
+        raise ConfigError(
+            f"Invalid tracking URI {redact_uri(uri)!r}: MLflow 3 refuses a plain-folder store. "
+            "Use a SQLite file, for example sqlite:///mlruns/mlflow.db, or a tracking server "
+            "at http://HOST:PORT."
+        )
+    path = database_path(uri)
+    if path is None:
+        return
+    # SQLite writes a journal file beside the database, so its folder must be writable too.
+    for needed in (path, path.parent):
+        if needed.exists() and not os.access(needed, os.R_OK | os.W_OK):
+            raise ConfigError(
+                f"Invalid tracking URI {redact_uri(uri)!r}: this process cannot read and "
+                f"write {needed}. Fix its permissions or pick another store."
+            )
 
 
 def resolve_spool_dir(spool_dir: str) -> Path:
@@ -947,10 +970,15 @@ def start_run(
     spool = _spool_settings if tracking_uri.startswith(SERVER_SCHEMES) else None
     writer = None
     if metric_writer and tracking_uri.startswith("sqlite:"):
-        from src.writer import MetricWriter
+        from src.writer import MetricWriter, can_start_child
 
-        # Started now, so that the child's MLflow import overlaps the job's set-up.
-        writer = MetricWriter(tracking_uri, run_id)
+        if can_start_child():
+            writer = MetricWriter(tracking_uri, run_id)
+        else:
+            log.warning(
+                "tracking.metric_writer=true: a job in a joblib worker process cannot start "
+                "the writer's child process, so this job writes its metrics itself"
+            )
     tracker = Tracker(client, run_id, tracking_uri, spool=spool, writer=writer)
     if reopened:
         tracker.resume_spool()

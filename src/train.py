@@ -134,6 +134,8 @@ def _train(
             if job.parent_run_id:  # it belongs to the sweep that asked for it now
                 client.set_tag(payload["run_id"], "mlflow.parentRunId", job.parent_run_id)
             return dict(client.get_run(payload["run_id"]).data.metrics)
+    else:
+        checkpointer.discard_earlier()
 
     # Data: device tensors batched by index, or a DataLoader when too large for that.
     data = load_dataset(cfg.dataset, device)
@@ -258,6 +260,9 @@ def _train(
         except Divergence as err:
             reports.log_divergence(tracker, err)
             log.error("Run %s diverged: %s", job.run_name, err.reason)
+            raise
+        except (KeyboardInterrupt, SystemExit) as err:
+            log.warning("Run %s stopped (%s); it ends KILLED", job.run_name, type(err).__name__)
             raise
         except BaseException as err:
             log.error("Run %s failed: %r", job.run_name, err)

@@ -274,7 +274,7 @@ class MetricWriter:
         )
         raise MetricWriterError(
             f"Writing metrics of run {self.run_id} to {_without_credentials(self.tracking_uri)} "
-            f"failed: {self._failure}. {unstored}; MetricWriter.unwritten() returns them."
+            f"failed: {self._failure.rstrip('.')}. {unstored}."
         )
 
     def _stop(self) -> None:
@@ -292,6 +292,20 @@ class MetricWriter:
         self._queue.cancel_join_thread()
         self._queue.close()
         self._replies.close()
+
+
+def can_start_child() -> bool:
+    """True where multiprocessing can spawn the writer's child.
+
+    joblib's loky workers set their own start method, "loky", which a spawned child
+    cannot set up, so it fails at start.
+    """
+    return multiprocessing.get_start_method(allow_none=True) in (
+        None,
+        "fork",
+        "spawn",
+        "forkserver",
+    )
 
 
 _open_writers: weakref.WeakSet[MetricWriter] = weakref.WeakSet()

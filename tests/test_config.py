@@ -574,6 +574,33 @@ def test_sweep_check_names_every_bad_job():
     assert "#0" not in message
 
 
+def test_sweep_check_covers_checkpoint_keys():
+    with pytest.raises(ConfigError) as info:
+        compose_sweep(["activation=relu,sigmoid", "checkpoint.min_interval=-1,5"])
+    message = str(info.value)
+    assert message.startswith("Invalid config in 2 of the sweep's 4 jobs")
+    assert "checkpoint.min_interval=-1.0" in message
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "/tmp/mlruns", "mlruns"])
+def test_plain_folder_store_rejected(uri):
+    from src.tracking import check_store_uri
+
+    with pytest.raises(ConfigError, match="MLflow 3 refuses a plain-folder store"):
+        check_store_uri(uri)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
+def test_read_only_store_rejected(tmp_path):
+    from src.tracking import check_store_uri
+
+    store = tmp_path / "mlflow.db"
+    store.write_bytes(b"")
+    store.chmod(0o444)
+    with pytest.raises(ConfigError, match="cannot read and write"):
+        check_store_uri(f"sqlite:///{store}")
+
+
 def test_sweep_check_passes_good_sweep():
     compose_sweep(["activation=relu,sigmoid", "seed=range(0,3)"])
 

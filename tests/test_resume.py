@@ -162,6 +162,28 @@ def test_bad_min_interval_rejected(tmp_path, value):
         ckpt.validate_checkpoint(cfg)
 
 
+def test_new_run_removes_earlier_checkpoint(tmp_path):
+    # A finished run leaves its checkpoint; a new run that dies before its first checkpoint
+    # must not leave it for a resume to mistake for its own.
+    cfg = configure(tmp_path, OVERRIDES)
+    train(cfg, JobInfo(run_name="defaults"))
+    folder = ckpt.checkpoint_dir(cfg, "defaults", PROJECT_ROOT)
+    assert (folder / CHECKPOINT_FILE).is_file()
+    checkpointer = ckpt.Checkpointer(cfg, "defaults", PROJECT_ROOT, None)
+    checkpointer.acquire()
+    checkpointer.discard_earlier()
+    checkpointer.release()
+    assert not (folder / CHECKPOINT_FILE).exists()
+
+
+def test_checkpoint_folder_found_whatever_override_order(tmp_path):
+    cfg = configure(tmp_path, [*OVERRIDES, "activation=tanh", "optimizer.lr=0.01"])
+    first = ckpt.checkpoint_dir(cfg, "activation=tanh,optimizer.lr=0.01", PROJECT_ROOT)
+    first.mkdir(parents=True)
+    again = ckpt.checkpoint_dir(cfg, "optimizer.lr=0.01,activation=tanh", PROJECT_ROOT)
+    assert again == first
+
+
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "c" / CHECKPOINT_FILE
     ckpt.save_atomic({"format": 1, "epoch": 1}, path)

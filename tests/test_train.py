@@ -201,6 +201,28 @@ def test_logged_model_linked_to_run(finished_run):
     assert len(history) == cfg.trainer.epochs
 
 
+def test_pending_model_of_killed_attempt_marked_failed(tmp_path):
+    from mlflow.entities import LoggedModelStatus
+
+    from src import reports
+    from src.tracking import default_tracking_uri
+    from tests.conftest import compose_config
+
+    cfg = compose_config(TINY_OVERRIDES)
+    uri = default_tracking_uri(tmp_path)
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("models", artifact_location=str(tmp_path / "art"))
+    run_id = client.create_run(experiment_id).info.run_id
+    mlflow.set_tracking_uri(uri)
+    pending = mlflow.initialize_logged_model(name="model", source_run_id=run_id)
+    data = load_dataset(cfg.dataset, torch.device("cpu"))
+    model = train_module.build_model(cfg.model, cfg.activation, data.input_shape, data.num_classes)
+    model_id = reports.log_model(model, data, run_id, {"seed": 0})
+    statuses = {m.model_id: m.status for m in client.search_logged_models([experiment_id])}
+    assert statuses[pending.model_id] == LoggedModelStatus.FAILED
+    assert statuses[model_id] == LoggedModelStatus.READY
+
+
 def test_failed_run_marked_failed(tiny_cfg, monkeypatch):
     def broken_fit(*args, **kwargs):
         raise RuntimeError("simulated crash in the training loop")
