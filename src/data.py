@@ -115,17 +115,15 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
     Accepts any integer type (numpy integers included) but not bool. Raises TypeError for
     other types and ValueError outside [low, high].
     """
-    allowed = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+    allowed = f"in {bounds}" if high is not None else bounds
     if isinstance(value, bool):
-        raise TypeError(
-            f"{name} must be an integer {allowed.removeprefix('in ')}, got bool {value!r}"
-        )
+        raise TypeError(f"{name} must be an integer {bounds}, got bool {value!r}")
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(
-            f"{name} must be an integer {allowed.removeprefix('in ')}, got "
-            f"{type(value).__name__} {value!r}"
+            f"{name} must be an integer {bounds}, got {type(value).__name__} {value!r}"
         ) from None
     if value < low or (high is not None and value > high):
         raise ValueError(f"{name} must be {allowed}, got {value}")
