@@ -295,8 +295,22 @@ def read_job_failures(folder: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in paths]
 
 
-def _raise_interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised as Ctrl-C is, so that the runs it stops end KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_interrupt(signum: int, frame) -> None:
+    """Signal handler: raise :class:`Interrupted` in the main thread."""
+    raise Interrupted(signum)
+
+
+def interrupt_status(err: KeyboardInterrupt) -> int:
+    """Return the exit status for a stop by `err`: 128 plus the signal, as shells report it."""
+    return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 class SweepRunCallback(Callback):
@@ -362,7 +376,7 @@ class SweepRunCallback(Callback):
 
         # An interrupted sweep never reaches on_multirun_end: end the parent KILLED
         # at exit instead, and turn a scheduler's SIGTERM into that same exit path.
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGTERM, raise_interrupt)
         atexit.register(self._end_if_running, client, self.run_id)
 
     @staticmethod

@@ -51,7 +51,13 @@ from src.gradients import GradientMonitor, Metric
 from src.health import Thresholds, judge_run
 from src.loop import Divergence, check_last_batch, fit
 from src.models import build_model, weight_layers
-from src.sweep import job_run_name, read_parent_run, record_job_failure
+from src.sweep import (
+    interrupt_status,
+    job_run_name,
+    raise_interrupt,
+    read_parent_run,
+    record_job_failure,
+)
 from src.tracking import (
     PROJECT_ROOT,
     Tracker,
@@ -302,17 +308,18 @@ def log_model(
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
-def use_metric_writer(cfg: DictConfig) -> bool:
+def use_metric_writer(cfg: DictConfig) -> bool | None:
     """Decide whether a SQLite store gets its metrics through a child process.
 
-    ``tracking.metric_writer`` decides when set. Otherwise the child runs where it gets a
-    core of its own: under Hydra's default launcher (one job at a time) or outside Hydra,
-    with trainer.num_threads below the cores. Parallel launchers size their jobs to fill
-    the cores, and there the child's work would slow training down.
+    ``tracking.metric_writer`` decides when set. Otherwise the child may run only where
+    it gets a core of its own (see :func:`core_free`): there this returns None, and
+    :func:`src.tracking.start_run` starts it only for a store that plain SQL cannot
+    write, where MLflow's ``log_batch`` does the work. Parallel launchers size their
+    jobs to fill the cores, and there the child's work would slow training down.
     """
     if cfg.tracking.metric_writer is not None:
         return bool(cfg.tracking.metric_writer)
-    return core_free(cfg)
+    return None if core_free(cfg) else False
 
 
 def core_free(cfg: DictConfig) -> bool:
@@ -426,15 +433,11 @@ def log_job_log(tracker: Tracker, job: JobInfo, attempt: int = 1) -> None:
         tracker.log_file(path, folder)
 
 
-def _interrupt(signum: int, frame) -> None:
-    raise KeyboardInterrupt(f"received signal {signal.Signals(signum).name}")
-
-
 @exit_on_bad_override
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     # A scheduler stops jobs with SIGTERM: treat it as Ctrl-C, so the run ends KILLED.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     if hydra_cfg.mode != RunMode.MULTIRUN:
@@ -448,7 +451,7 @@ def main(cfg: DictConfig) -> float | None:
                 raise
             if isinstance(err, KeyboardInterrupt):  # Ctrl-C, or SIGTERM raised as one
                 log.error("Run %s interrupted: %s", job.run_name, str(err) or "Ctrl-C")
-                raise SystemExit(130) from None
+                raise SystemExit(interrupt_status(err)) from None
             if isinstance(err, UserError):  # train() has logged a divergence already
                 log.error("%s", err)
             raise SystemExit(1) from None
