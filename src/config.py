@@ -100,9 +100,8 @@ class TrackingConfig:
     spool_retry_wait: float = 2.0  # seconds before the first retry; doubles after each failed one
     spool_retry_max_wait: float = 60.0  # seconds, the longest wait between two retries
     spool_final_timeout: float = 10.0  # seconds the run's end waits for the server to come back
-    # Store a SQLite store's metrics from a child process on a free core. null: only for a
-    # store that plain SQL cannot write, and only where a core is free (default launcher,
-    # trainer.num_threads below the cores).
+    # Store a SQLite store's metrics from a child process on a free core. null uses it only
+    # where a core is free: the default launcher, with trainer.num_threads below the cores.
     metric_writer: bool | None = None
 
 

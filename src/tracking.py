@@ -930,7 +930,7 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
-    metric_writer: bool | None = False,
+    metric_writer: bool = False,
 ) -> Iterator[Tracker]:
     """Open an MLflow run and end it FINISHED, or FAILED if the body raises.
 
@@ -938,11 +938,6 @@ def start_run(
     (a scheduler's requeue) ends KILLED. With `run_id`, the existing run is reopened
     (status RUNNING again) instead of a new one created, to resume it, and what an
     earlier attempt left in the run's spool is sent first.
-
-    `metric_writer` True stores a SQLite store's metrics from a child process
-    (:class:`MetricWriter`), False from this one. None starts the child only where plain
-    SQL cannot write them (:func:`open_store`), so that MLflow's slower ``log_batch``
-    runs beside training; plain SQL costs less than handing the values to a child.
 
     On a tracking server, what the server does not take goes to the run's spool (see
     :class:`Tracker`), with the settings of the last :func:`connect_tracking`. At the
@@ -974,11 +969,6 @@ def start_run(
     )
     spool = _spool_settings if tracking_uri.startswith(SERVER_SCHEMES) else None
     writer = None
-    if metric_writer is None and tracking_uri.startswith("sqlite:"):
-        probe = open_store(tracking_uri)
-        metric_writer = probe is None
-        if probe is not None:
-            probe.close()
     if metric_writer and tracking_uri.startswith("sqlite:"):
         from src.writer import MetricWriter, can_start_child
 

@@ -308,18 +308,17 @@ def log_model(
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
-def use_metric_writer(cfg: DictConfig) -> bool | None:
+def use_metric_writer(cfg: DictConfig) -> bool:
     """Decide whether a SQLite store gets its metrics through a child process.
 
-    ``tracking.metric_writer`` decides when set. Otherwise the child may run only where
-    it gets a core of its own (see :func:`core_free`): there this returns None, and
-    :func:`src.tracking.start_run` starts it only for a store that plain SQL cannot
-    write, where MLflow's ``log_batch`` does the work. Parallel launchers size their
-    jobs to fill the cores, and there the child's work would slow training down.
+    ``tracking.metric_writer`` decides when set. Otherwise the child runs where it gets a
+    core of its own: under Hydra's default launcher (one job at a time) or outside Hydra,
+    with trainer.num_threads below the cores. Parallel launchers size their jobs to fill
+    the cores, and there the child's work would slow training down.
     """
     if cfg.tracking.metric_writer is not None:
         return bool(cfg.tracking.metric_writer)
-    return None if core_free(cfg) else False
+    return core_free(cfg)
 
 
 def core_free(cfg: DictConfig) -> bool:

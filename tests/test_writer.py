@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,8 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from src.gradients import Metric
-from src.sqlite_metrics import database_path
-from src.tracking import Tracker, default_tracking_uri, start_run
+from src.tracking import Tracker, default_tracking_uri
 from src.writer import MetricWriter, MetricWriterError
 from tests.conftest import PROJECT_ROOT
 
@@ -216,24 +214,3 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def test_writer_only_without_plain_sql(tmp_path):
-    """metric_writer=None: no child for a store with the known schema, one for another."""
-    (tmp_path / "known").mkdir()
-    (tmp_path / "other").mkdir()
-    known = default_tracking_uri(tmp_path / "known")
-    with start_run(known, "writer", "known", metric_writer=None) as tracker:
-        assert tracker.writer is None
-        assert tracker.direct is not None
-
-    other = default_tracking_uri(tmp_path / "other")
-    MlflowClient(other).search_experiments()  # creates MLflow's schema
-    with sqlite3.connect(database_path(other)) as db:
-        db.execute("ALTER TABLE metrics ADD COLUMN note TEXT")  # not the schema written directly
-    with start_run(other, "writer", "other", metric_writer=None) as tracker:
-        assert tracker.writer is not None
-        tracker.log_metrics([Metric("train/loss", 0.5, 1, 1_700_000_000_000)])
-        run_id = tracker.run_id
-    (value,) = MlflowClient(other).get_metric_history(run_id, "train/loss")
-    assert value.value == 0.5
