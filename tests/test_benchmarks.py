@@ -100,8 +100,9 @@ def test_breakdown_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     medians = json.loads(out.read_text())["medians"]
     for phase in ["import torch", "data generation", "training iterations",
-                  "gradient statistics (on the device)", "log_batch into the store",
-                  "per-epoch evaluation", "histograms (on the device)", "activation hooks",
+                  "gradient statistics (on the device)",
+                  "metrics into the store (Tracker.log_metrics)", "per-epoch evaluation",
+                  "histograms (on the device)", "activation hooks",
                   "3-D waterfall figure", "epoch images", "model logging",
                   "comparison at the sweep's end (once a sweep)"]:  # fmt: skip
         assert medians[phase] >= 0, phase
