@@ -61,7 +61,7 @@ _UPSERT_LATEST = (
 
 
 class RunNotActiveError(RuntimeError):
-    """The run is deleted or not in the store; MLflow refuses values for it likewise."""
+    """The run is deleted or not in the store; MLflow rejects values for it likewise."""
 
 
 def database_path(tracking_uri: str) -> Path | None:

@@ -192,11 +192,11 @@ def validate_tracking(tracking_cfg: DictConfig) -> None:
 
 
 def check_store_uri(uri: str) -> None:
-    """Raise ConfigError for a plain-folder store, which MLflow 3 refuses, or a read-only file."""
+    """Raise ConfigError for a plain-folder store, which MLflow 3 rejects, or a read-only file."""
     scheme = uri.split(":", 1)[0] if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) else ""
     if scheme in ("", "file"):
         raise ConfigError(
-            f"Invalid tracking URI {redact_uri(uri)!r}: MLflow 3 refuses a plain-folder store. "
+            f"Invalid tracking URI {redact_uri(uri)!r}: MLflow 3 rejects a plain-folder store. "
             "Use a SQLite file, for example sqlite:///mlruns/mlflow.db, or a tracking server "
             "at http://HOST:PORT."
         )

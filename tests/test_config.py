@@ -586,7 +586,7 @@ def test_sweep_check_covers_checkpoint_keys():
 def test_plain_folder_store_rejected(uri):
     from src.tracking import check_store_uri
 
-    with pytest.raises(ConfigError, match="MLflow 3 refuses a plain-folder store"):
+    with pytest.raises(ConfigError, match="MLflow 3 rejects a plain-folder store"):
         check_store_uri(uri)
 
 
