@@ -7,13 +7,13 @@ writes the same rows with one ``executemany`` per batch (about 6 µs a value,
 most of it inside SQLite, which releases the GIL) and keeps MLflow's semantics:
 
 - a value goes to ``metrics`` unless an identical row (key, value, step,
-  timestamp) is already there, as MLflow's primary key and its duplicate
-  handling do; so resending a batch changes nothing;
+  timestamp) is already there, as with MLflow's primary key and duplicate
+  handling, so resending a batch changes nothing;
 - ``latest_metrics`` keeps, per key, the value with the largest (step,
   timestamp, value), as MLflow's ``_update_latest_metrics_if_necessary`` does;
 - NaN is stored as 0 with ``is_nan`` set, and infinities as the largest finite
   doubles, as MLflow's ``sanitize_metric_value`` does;
-- a run that is deleted or missing is refused with MLflow's message.
+- a run that is deleted or missing is rejected with MLflow's message.
 
 The tables are MLflow's, not a public API. The store is used only when the
 columns and primary keys of ``metrics`` and ``latest_metrics`` are exactly the

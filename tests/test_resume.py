@@ -163,8 +163,8 @@ def test_bad_min_interval_rejected(tmp_path, value):
 
 
 def test_new_run_removes_earlier_checkpoint(tmp_path):
-    # A finished run leaves its checkpoint; a new run that dies before its first checkpoint
-    # must not leave it for a resume to mistake for its own.
+    # A finished run leaves its checkpoint. A new run that dies before its first checkpoint
+    # must not leave that file behind, because a resume would take it for its own.
     cfg = configure(tmp_path, OVERRIDES)
     train(cfg, JobInfo(run_name="defaults"))
     folder = ckpt.checkpoint_dir(cfg, "defaults", PROJECT_ROOT)
